@@ -1,0 +1,1 @@
+"""Plain, Prefect-free building blocks of the fine-tune -> merge -> quantize pipeline."""

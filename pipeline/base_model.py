@@ -1,0 +1,76 @@
+"""Find the base model: its config.json without weights (for preflight), then a local directory (for training).
+
+`name_or_path` is a hub id, a local directory, or `builtin:tiny-qwen2` (built once into the cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BadInputError
+from pipeline.tiny_model import TINY_QWEN2, build_tiny_qwen2
+
+BUILTINS = {TINY_QWEN2: build_tiny_qwen2}
+# Suffixes that mark a quantized export of a model (`Org/Model-GPTQ-Int4` is a quantized `Org/Model`).
+QUANTIZED_SUFFIX = re.compile(
+    r"[-_.](gptq|awq|bnb|gguf|exl2|fp8|int4|int8|4bit|8bit|w4a16|w8a8|nf4|quantized)([-_.].*)?$", re.IGNORECASE
+)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+class ModelSourceError(BadInputError):
+    """The base model cannot be found or read."""
+
+
+def cache_root() -> Path:
+    """Where built-in and downloaded bases are cached (not the store): $FTQ_CACHE_DIR or ~/.cache/finetune-then-quantize."""
+    return Path(os.environ.get("FTQ_CACHE_DIR", Path.home() / ".cache" / "finetune-then-quantize"))
+
+
+def unquantized_name(name_or_path: str) -> str | None:
+    """`Qwen/Qwen2-1.5B-Instruct-GPTQ-Int4` -> `Qwen/Qwen2-1.5B-Instruct`; None if the name carries no marker."""
+    head, _, last = name_or_path.rstrip("/").rpartition("/")
+    stripped = QUANTIZED_SUFFIX.sub("", last)
+    if stripped == last or not stripped:
+        return None
+    return f"{head}/{stripped}" if head else stripped
+
+
+def read_model_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """The base's config.json as a dict, fetching only that file from the hub."""
+    if name_or_path in BUILTINS:
+        return json.loads((resolve_model_dir(name_or_path) / "config.json").read_text())
+    path = Path(name_or_path)
+    if path.exists():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelSourceError(f"model directory {name_or_path!r} has no config.json; point model.name_or_path "
+                                   "at a Hugging Face model folder (config.json + safetensors)")
+        return json.loads(config_file.read_text())
+    if name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
+        raise ModelSourceError(f"model path {name_or_path!r} does not exist; give an existing folder or a hub id "
+                               "like Qwen/Qwen2-1.5B-Instruct")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(name_or_path, "config.json", revision=revision)).read_text())
+    except Exception as exc:  # offline, gated, missing: all mean "cannot read it from here"
+        raise ModelSourceError(f"cannot read config.json of {name_or_path!r} from the hub "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the id, "
+                               "your network/HF_TOKEN, or download it and pass the local folder") from exc
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory holding the base model's files."""
+    if name_or_path in BUILTINS:
+        return BUILTINS[name_or_path](cache_root() / "builtin" / name_or_path.split(":", 1)[1])
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES))

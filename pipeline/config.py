@@ -1,0 +1,171 @@
+"""The one typed config of a pipeline run, loaded from `conf/*.yaml` plus `--set dotted.key=value` overrides.
+
+Field names follow the libraries they feed (peft's `r`/`lora_alpha`, gptqmodel's `group_size`/`damp_percent`),
+so a YAML maps one to one onto the calls. Each stage receives only its own section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="Hub id, local directory, or builtin:tiny-qwen2 (a random toy, for tests).")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    path: str = Field(description="JSONL/JSON/CSV/parquet file, or a hub dataset id.")
+    format: Literal["auto", "chat", "prompt_completion", "text"] = Field(
+        default="auto", description="chat: a `messages` list; prompt_completion: `prompt`+`completion`; text: `text`."
+    )
+    split: str = "train"
+    eval_path: str | None = Field(default=None, description="Separate eval file; else eval_fraction of `path`.")
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    max_length: int = Field(default=512, ge=8, description="Tokens per example; longer ones are truncated.")
+    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
+    seed: int = 0
+
+
+class LoraConfig(_Section):
+    r: int = Field(default=16, ge=1, description="LoRA rank: higher adapts more, costs more memory.")
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt; default all attention and MLP projections.",
+    )
+
+
+class TrainingConfig(_Section):
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, description="Stop after this many optimizer steps; -1 means use epochs.")
+    learning_rate: float = Field(default=2e-4, gt=0)
+    per_device_train_batch_size: int = Field(default=4, ge=1)
+    per_device_eval_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    warmup_steps: float = Field(default=0.03, ge=0, description="Warmup: steps if >= 1, else a fraction of all steps.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_scheduler_type: str = "cosine"
+    logging_steps: int = Field(default=10, ge=1, description="Log loss, rate and ETA every N steps.")
+    save_steps: int = Field(default=100, ge=1, description="Checkpoint every N steps so a rerun resumes.")
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    qlora: bool = Field(default=False, description="Train on a 4-bit bitsandbytes copy of the base (CUDA only).")
+    seed: int = 0
+
+
+class MergeConfig(_Section):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Dtype of the merged weights; auto: the base's dtype on GPU, float32 on CPU."
+    )
+    check_samples: int = Field(default=4, ge=1, description="Eval samples on which merged and adapter logits must agree.")
+    logits_atol: float = Field(default=1e-3, gt=0, description="Largest allowed |merged - adapter| logit difference.")
+
+
+class CalibrationConfig(_Section):
+    source: str = Field(default="train", description="`train` (the training data, rendered as in training) or a file/dataset id.")
+    n_samples: int = Field(default=128, ge=1)
+    max_length: int = Field(default=512, ge=8, description="Tokens per calibration sample.")
+    batch_size: int = Field(default=4, ge=1)
+
+
+class QuantizationConfig(_Section):
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(default=128, description="Columns per scale; must divide every quantized layer's in_features; -1 = per channel.")
+    desc_act: bool = Field(default=False, description="Activation-order columns; slower kernels. Excludes act_group_aware.")
+    act_group_aware: bool = Field(default=True, description="Order groups by activation (gptqmodel); cheap, better quality.")
+    sym: bool = True
+    damp_percent: float = Field(default=0.05, gt=0, lt=1)
+    true_sequential: bool = True
+    calibration: CalibrationConfig = CalibrationConfig()
+    smoke_prompt: str = Field(default="Hello", description="Prompt generated from after reload, as a smoke check.")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_known(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError(f"group_size must be -1 or a positive integer, got {value}")
+        return value
+
+
+class StoreConfig(_Section):
+    uri: str = Field(default="./artifacts", description="Where every stage writes `<uri>/<run_name>/<stage>/`.")
+
+
+class PipelineConfig(_Section):
+    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Names the run's folder in the store.")
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+    merge: MergeConfig = MergeConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    store: StoreConfig = StoreConfig()
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """`conf/smoke.yaml`, `smoke.yaml` and `smoke` all name the same file."""
+    path = Path(config)
+    candidates = [path, CONF_DIR / path, CONF_DIR / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {str(config)!r} not found (looked at {', '.join(map(str, candidates))}); "
+                      f"give a YAML path or one of: {available}")
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` to a nested dict; the value is parsed as YAML (`4`, `true`, `[a, b]`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}; e.g. --set quantization.group_size=64")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc})") from exc
+
+
+def load_config(config: str | Path, overrides: list[str] = (), **top_level: str | None) -> PipelineConfig:
+    """Load a YAML config, apply `--set` overrides, then top-level ones (run_name=..., store=...) if not None."""
+    path = resolve_config_path(config)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    if top_level.get("run_name"):
+        tree["run_name"] = top_level["run_name"]
+    if top_level.get("store"):
+        tree.setdefault("store", {})["uri"] = top_level["store"]
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: invalid config: {problems}. Fix the YAML or the matching --set.") from exc

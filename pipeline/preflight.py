@@ -1,0 +1,134 @@
+"""Everything that can be checked before any weights are loaded, reported together.
+
+Order: config-level facts first (free), then files (cheap), then the model's shapes on the meta device
+(no weights). One PreflightError lists every problem, so a user fixes them in one round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+from pipeline.base_model import ModelSourceError, read_model_config, unquantized_name
+from pipeline.config import PipelineConfig
+from pipeline.data import DataError, load_rows, load_splits
+from pipeline.errors import PreflightError
+
+logger = logging.getLogger(__name__)
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Raise PreflightError with every problem found; return None if the run can start."""
+    problems: list[str] = []
+    problems += check_qlora(cfg.training.qlora)
+    problems += check_store_writable(cfg.store.uri)
+    model_config = None
+    try:
+        model_config = read_model_config(cfg.model.name_or_path, cfg.model.revision)
+    except ModelSourceError as exc:
+        problems.append(str(exc))
+    if model_config is not None:
+        problems += check_not_quantized(cfg.model.name_or_path, model_config)
+    problems += check_data(cfg)
+    if model_config is not None and not any("already quantized" in p for p in problems):
+        problems += check_group_size(model_config, cfg.quantization.group_size, cfg.model.trust_remote_code)
+    if problems:
+        raise PreflightError(problems)
+    logger.info("preflight passed: base %s, data %s, store %s", cfg.model.name_or_path, cfg.data.path, cfg.store.uri)
+
+
+def check_qlora(qlora: bool) -> list[str]:
+    if not qlora:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["training.qlora is true but no CUDA GPU is visible: bitsandbytes 4-bit training needs one. "
+                "Set training.qlora=false to train LoRA on the full-precision base (CPU works), or run on a GPU"]
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return ["training.qlora is true but bitsandbytes is not installed: pip install '.[qlora]'"]
+    return []
+
+
+def check_store_writable(uri: str) -> list[str]:
+    """The store must be creatable and writable; nothing is created here."""
+    if "://" in uri and not uri.startswith("file://"):
+        return [f"store {uri!r}: only local paths are supported so far; use a local directory"]
+    path = Path(uri.removeprefix("file://")).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"store {uri!r}: {existing} is a file, not a directory; choose another store.uri"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"store {uri!r}: {existing} is not writable by this user; choose another store.uri or fix permissions"]
+    return []
+
+
+def check_not_quantized(name_or_path: str, model_config: dict) -> list[str]:
+    quant = model_config.get("quantization_config")
+    if not quant:
+        return []
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    found = f"{method}{f' {bits}-bit' if bits else ''}"
+    alternative = unquantized_name(name_or_path)
+    instead = (f"use the unquantized base, e.g. --set model.name_or_path={alternative}" if alternative
+               else "use the unquantized (bf16/fp16/fp32) release of this model as model.name_or_path")
+    return [f"base model {name_or_path!r} is already quantized (config.json quantization_config: {found}). "
+            "It cannot be fine-tuned and then quantized again: QLoRA on it fails (the 'BitsAndBytesConfig' error), "
+            "and a LoRA adapter cannot be merged into integer weights. Quantization is not reversible; the pipeline "
+            f"fine-tunes the full-precision base, merges, then quantizes. Instead, {instead}"]
+
+
+def check_data(cfg: PipelineConfig) -> list[str]:
+    problems = []
+    try:
+        load_splits(cfg.data)
+    except DataError as exc:
+        problems.append(str(exc))
+    source = cfg.quantization.calibration.source
+    if source != "train":
+        try:
+            if not load_rows(source):
+                problems.append(f"calibration source {source!r} has no rows")
+        except DataError as exc:
+            problems.append(f"quantization.calibration.source: {exc}")
+    return problems
+
+
+def quantized_layer_shapes(model_config: dict, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """{name: (out_features, in_features)} of every Linear GPTQ will quantize (all but the output head)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = dict(model_config)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def check_group_size(model_config: dict, group_size: int, trust_remote_code: bool = False) -> list[str]:
+    if group_size == -1:
+        return []
+    try:
+        shapes = quantized_layer_shapes(model_config, trust_remote_code)
+    except Exception as exc:
+        return [f"cannot build the base's layer shapes from its config.json ({type(exc).__name__}: {exc})"]
+    bad = {name: shape for name, shape in shapes.items() if shape[1] % group_size}
+    if not bad:
+        return []
+    name, (out_features, in_features) = next(iter(bad.items()))
+    common = math.gcd(*(in_f for _, in_f in shapes.values()))
+    valid = [-1] + [g for g in GROUP_SIZES if common % g == 0]
+    return [f"quantization.group_size={group_size} does not divide the in_features of {len(bad)} layer(s), e.g. "
+            f"{name} (Linear {in_features} -> {out_features}). Valid group sizes for this model: {valid}"]

@@ -1,0 +1,149 @@
+"""Stage 1: LoRA fine-tune of the full-precision base (fp32 on CPU, bf16 on GPU; optional QLoRA on CUDA)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from pipeline.base_model import resolve_model_dir
+from pipeline.config import DataConfig, LoraConfig, ModelConfig, TrainingConfig
+from pipeline.data import load_splits, tokenize_example
+from pipeline.stage import StageArtifact, run_stage
+from pipeline.store import describe_files, stage_key
+
+logger = logging.getLogger(__name__)
+
+
+def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
+               out_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
+    """Train a LoRA adapter on `base_dir`, write it to `out_dir`, return eval losses before and after.
+
+    Checkpoints go to `checkpoint_dir` every `save_steps`; a rerun with the same folder resumes from the last.
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments, set_seed)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from pipeline.progress import ProgressLogger
+
+    set_seed(training.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    splits = load_splits(data)
+    train_set = [tokenize_example(r, splits.form, tokenizer, data.max_length) for r in splits.train]
+    eval_set = [tokenize_example(r, splits.form, tokenizer, data.max_length) for r in splits.eval]
+    n_tokens = sum(sum(label != -100 for label in ex["labels"]) for ex in train_set)
+    logger.info("data: %s form, %d train / %d eval examples, %d trained tokens per epoch",
+                splits.form, len(train_set), len(eval_set), n_tokens)
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = training.precision == "bf16" or (training.precision == "auto" and on_gpu)
+    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if training.qlora:
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
+    if training.qlora:
+        model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
+    model = get_peft_model(model, PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d on %s: %d trainable of %d parameters (%.3f%%)",
+                lora.r, ",".join(lora.target_modules), trainable, total, 100 * trainable / total)
+
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=training.num_train_epochs,
+        max_steps=training.max_steps,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        per_device_eval_batch_size=training.per_device_eval_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        lr_scheduler_type=training.lr_scheduler_type,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        bf16=bf16,
+        gradient_checkpointing=training.gradient_checkpointing,
+        seed=training.seed,
+        data_seed=training.seed,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=not on_gpu,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[ProgressLogger()],
+    )
+    eval_before = trainer.evaluate()["eval_loss"]
+    resume = get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
+    if resume:
+        logger.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_after = trainer.evaluate()["eval_loss"]
+    logger.info("eval loss %.4f -> %.4f", eval_before, eval_after)
+
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    (Path(out_dir) / "training_log.json").write_text(json.dumps(history, indent=2))
+    return {
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "train_examples": len(train_set),
+        "eval_examples": len(eval_set),
+        "trained_tokens_per_epoch": n_tokens,
+        "resumed_from": Path(resume).name if resume else None,
+        "precision": "bf16" if bf16 else "fp32",
+        "qlora": training.qlora,
+    }
+
+
+def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
+                   run_dir: Path, force: bool = False) -> StageArtifact:
+    """Fine-tune into `<run_dir>/finetune/`, or reuse it when base files, data, and config are unchanged."""
+    base_dir = resolve_model_dir(model.name_or_path, model.revision)
+    splits = load_splits(data)
+    determinants = {
+        "base": {"name_or_path": model.name_or_path,
+                 "files": {k: v["sha256"] for k, v in describe_files(base_dir).items()}},
+        "data": {**data.model_dump(), "content": stage_key("data", {"train": splits.train, "eval": splits.eval})},
+        "lora": lora.model_dump(),
+        "training": training.model_dump(),
+    }
+    key = stage_key("finetune", determinants)
+    checkpoint_dir = run_dir / ".work" / f"finetune-{key[:16]}"
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        return train_lora(base_dir, data, lora, training, out_dir, checkpoint_dir)
+
+    artifact = run_stage("finetune", run_dir / "finetune", determinants, build, force=force)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is published; checkpoints are spent
+    return artifact
+
+
+@task(name="finetune")
+def finetune(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
+             run_dir: Path, force: bool = False) -> StageArtifact:
+    return finetune_stage(model, data, lora, training, run_dir, force)

@@ -1,0 +1,140 @@
+"""Stage 3: GPTQ-quantize the merged model with gptqmodel's own API, save standard GPTQ v1, reload and generate.
+
+transformers' GPTQConfig path writes `gptq_v2`, and optimum's saver wrote v1 tensors under a v2 config; gptqmodel's
+`load -> quantize -> save` writes the v1 layout (`checkpoint_format: gptq`) that vLLM, TGI and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import task
+
+from pipeline.config import CalibrationConfig, DataConfig, QuantizationConfig
+from pipeline.data import detect_form, load_rows, load_splits, render_text
+from pipeline.errors import StageCheckError
+from pipeline.stage import StageArtifact, run_stage
+
+logger = logging.getLogger(__name__)
+
+
+def calibration_texts(calibration: CalibrationConfig, data: DataConfig, tokenizer) -> list[str]:
+    """`n_samples` texts, each cut to `max_length` tokens: training rows rendered as in training, or a file's rows."""
+    if calibration.source == "train":
+        splits = load_splits(data)
+        rows, form = splits.train, splits.form
+    else:
+        rows = load_rows(calibration.source)
+        form = detect_form(set(rows[0]), "auto")
+    rows = rows[:]
+    random.Random(data.seed).shuffle(rows)
+    texts = []
+    for row in rows[: calibration.n_samples]:
+        ids = tokenizer(render_text(row, form, tokenizer), add_special_tokens=False)["input_ids"]
+        texts.append(tokenizer.decode(ids[: calibration.max_length]))
+    return texts
+
+
+def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[str]) -> dict[str, Any]:
+    """GPTQ-quantize `merged_dir` on `calibration` and write a GPTQ v1 checkpoint to `out_dir`."""
+    # gptqmodel sizes its CPU worker pools from the core count and fails on <= 2 cores without this (KNOWLEDGE.md).
+    if (os.cpu_count() or 1) <= 2:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import GenerationConfig
+
+    config = QuantizeConfig(
+        bits=quant.bits, group_size=quant.group_size, desc_act=quant.desc_act, sym=quant.sym,
+        damp_percent=quant.damp_percent, true_sequential=quant.true_sequential,
+        act_group_aware=quant.act_group_aware and not quant.desc_act and quant.group_size != -1,
+    )
+    logger.info("GPTQ int%d g%d on %d calibration samples (%s)", quant.bits, quant.group_size, len(calibration),
+                ", ".join(f"{k}={getattr(config, k)}" for k in ("desc_act", "act_group_aware", "sym", "damp_percent")))
+    model = GPTQModel.load(str(merged_dir), config)
+    with _gptq_logs_into(Path(out_dir) / "gptq_logs"):
+        model.quantize(calibration, batch_size=quant.calibration.batch_size)
+    model.save(str(out_dir))
+    del model
+    # gptqmodel's saved generation_config may turn sampling on; ship the merged model's, as trained.
+    if (Path(merged_dir) / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(merged_dir).save_pretrained(out_dir)
+    layout = check_gptq_v1(Path(out_dir), quant)
+    smoke = generate_smoke(Path(out_dir), quant.smoke_prompt)
+    return {**layout, **smoke, "calibration_samples": len(calibration)}
+
+
+def check_gptq_v1(out_dir: Path, quant: QuantizationConfig) -> dict[str, Any]:
+    """Refuse anything but a standard GPTQ v1 config with the requested bits and group size."""
+    found = json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})
+    expected = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": quant.bits, "group_size": quant.group_size}
+    wrong = {k: found.get(k) for k, v in expected.items() if found.get(k) != v}
+    if wrong:
+        raise StageCheckError(f"saved checkpoint's quantization_config differs from GPTQ v1 {expected}: {wrong}")
+    size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
+    return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": quant.bits, "group_size": quant.group_size,
+            "weights_bytes": size}
+
+
+def generate_smoke(out_dir: Path, prompt: str, max_new_tokens: int = 8) -> dict[str, Any]:
+    """Reload the checkpoint with transformers (not gptqmodel) and greedily generate a few tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    if not torch.isfinite(logits).all():
+        raise StageCheckError("the reloaded GPTQ checkpoint produced non-finite logits")
+    new_tokens = out[0, ids["input_ids"].shape[1]:]
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    logger.info("reloaded with transformers; greedy continuation of %r: %r", prompt, text)
+    return {"smoke_prompt": prompt, "smoke_generation": text, "smoke_new_tokens": int(new_tokens.numel())}
+
+
+@contextmanager
+def _gptq_logs_into(folder: Path) -> Iterator[None]:
+    """gptqmodel writes per-module logs to ./logs; keep them with the checkpoint they describe instead."""
+    from gptqmodel.looper import loop_processor
+
+    previous = loop_processor._PROJECT_LOG_DIR
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = previous
+
+
+def quantize_stage(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, run_dir: Path,
+                   force: bool = False) -> StageArtifact:
+    """Quantize into `<run_dir>/quantize/`, or reuse it when the merged model, config and calibration are unchanged."""
+    from transformers import AutoTokenizer
+
+    from pipeline.store import stage_key
+
+    calibration = calibration_texts(quant.calibration, data, AutoTokenizer.from_pretrained(merged.path))
+    determinants = {"quantization": quant.model_dump(), "calibration": stage_key("calibration", {"texts": calibration})}
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        return quantize_gptq(merged.path, out_dir, quant, calibration)
+
+    return run_stage("quantize", run_dir / "quantize", determinants, build, inputs={"merged": merged}, force=force)
+
+
+@task(name="quantize")
+def quantize(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, run_dir: Path,
+             force: bool = False) -> StageArtifact:
+    return quantize_stage(data, quant, merged, run_dir, force)
