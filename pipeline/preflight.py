@@ -33,8 +33,8 @@ def preflight(cfg: PipelineConfig) -> None:
     if model_config is not None:
         problems += check_not_quantized(cfg.model.name_or_path, model_config)
     problems += check_data(cfg)
-    if model_config is not None and not any("already quantized" in p for p in problems):
-        problems += check_group_size(model_config, cfg.quantization.group_size, cfg.model.trust_remote_code)
+    if model_config is not None and "quantization_config" not in model_config:
+        problems += check_layers(model_config, cfg)
     if problems:
         raise PreflightError(problems)
     logger.info("preflight passed: base %s, data %s, store %s", cfg.model.name_or_path, cfg.data.path, cfg.store.uri)
@@ -117,13 +117,26 @@ def quantized_layer_shapes(model_config: dict, trust_remote_code: bool = False) 
             if isinstance(m, torch.nn.Linear) and m is not head}
 
 
-def check_group_size(model_config: dict, group_size: int, trust_remote_code: bool = False) -> list[str]:
-    if group_size == -1:
-        return []
+def check_layers(model_config: dict, cfg: PipelineConfig) -> list[str]:
+    """LoRA targets and GPTQ group size against the base's Linear layers, built on the meta device (no weights)."""
     try:
-        shapes = quantized_layer_shapes(model_config, trust_remote_code)
+        shapes = quantized_layer_shapes(model_config, cfg.model.trust_remote_code)
     except Exception as exc:
         return [f"cannot build the base's layer shapes from its config.json ({type(exc).__name__}: {exc})"]
+    return check_lora_targets(shapes, cfg.lora.target_modules) + check_group_size(shapes, cfg.quantization.group_size)
+
+
+def check_lora_targets(shapes: dict[str, tuple[int, int]], targets: list[str]) -> list[str]:
+    leaf_names = {name.rsplit(".", 1)[-1] for name in shapes}
+    missing = [t for t in targets if t not in leaf_names]
+    if not missing:
+        return []
+    return [f"lora.target_modules {missing} match no layer of the base; its Linear layers are {sorted(leaf_names)}"]
+
+
+def check_group_size(shapes: dict[str, tuple[int, int]], group_size: int) -> list[str]:
+    if group_size == -1:
+        return []
     bad = {name: shape for name, shape in shapes.items() if shape[1] % group_size}
     if not bad:
         return []

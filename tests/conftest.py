@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Qwen2 built in code, the smoke data, an isolated cache. No network."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)  # configs name data/ relative to the project root, as `make run` does
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Built-in bases are cached per test session, not in the user's ~/.cache."""
+    previous = os.environ.get("FTQ_CACHE_DIR")
+    os.environ["FTQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("ftq-cache"))
+    yield Path(os.environ["FTQ_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("FTQ_CACHE_DIR", None)
+    else:
+        os.environ["FTQ_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_base(isolated_cache) -> Path:
+    from pipeline.base_model import resolve_model_dir
+    from pipeline.tiny_model import TINY_QWEN2
+
+    return resolve_model_dir(TINY_QWEN2)
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(name: str, rows: list[dict]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
+    """Run `python -m flows.finetune_then_quantize` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "flows.finetune_then_quantize", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
