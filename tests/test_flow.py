@@ -1,0 +1,67 @@
+"""The whole pipeline under Prefect, and the CLI as users run it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path):
+    from flows.finetune_then_quantize import finetune_then_quantize
+
+    path = Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e"))
+    assert path == tmp_path / "e2e" / "run.json"
+    run = json.loads(path.read_text())
+    assert run["status"] == "completed"
+    assert list(run["stages"]) == ["finetune", "merge", "quantize"]
+    for name, stage in run["stages"].items():
+        assert stage["reused"] is False and stage["seconds"] > 0
+        assert Path(stage["uri"]) == tmp_path / "e2e" / name and (Path(stage["uri"]) / "manifest.json").is_file()
+    assert run["metrics"]["finetune"]["eval_loss_after"] < run["metrics"]["finetune"]["eval_loss_before"]
+    assert run["metrics"]["quantize"]["checkpoint_format"] == "gptq"
+
+    again = json.loads(Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e")).read_text())
+    assert again["status"] == "completed"
+    assert all(stage["reused"] for stage in again["stages"].values())
+    assert {n: s["key"] for n, s in again["stages"].items()} == {n: s["key"] for n, s in run["stages"].items()}
+
+    forced = json.loads(Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e",
+                                                    force=["quantize"])).read_text())
+    assert [forced["stages"][s]["reused"] for s in ("finetune", "merge", "quantize")] == [True, True, False]
+
+
+def test_cli_smoke_writes_gptq_checkpoint_and_ends_with_run_summary(tmp_path):
+    result = run_cli("--config", "conf/smoke.yaml", "--store", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == f"run summary: {tmp_path / 'smoke' / 'run.json'}"
+    run = json.loads((tmp_path / "smoke" / "run.json").read_text())
+    assert run["status"] == "completed" and set(run["stages"]) == {"finetune", "merge", "quantize"}
+    qc = json.loads((tmp_path / "smoke" / "quantize" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"]) == ("gptq", "gptq", 4)
+    assert "eval loss" in result.stderr and "steps/s, ETA" in result.stderr
+
+
+def test_cli_failure_exits_1_keeps_finished_stages_and_records_the_error(tmp_path):
+    result = run_cli("--config", "smoke", "--store", str(tmp_path), "--set", "merge.logits_atol=1e-30")
+    assert result.returncode == 1
+    assert "the run failed in merge: StageCheckError" in result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"run summary: {tmp_path / 'smoke' / 'run.json'}"
+    run = json.loads((tmp_path / "smoke" / "run.json").read_text())
+    assert run["status"] == "failed" and "merge.logits_atol" in run["error"]
+    assert list(run["stages"]) == ["finetune"]
+    assert (tmp_path / "smoke" / "finetune" / "manifest.json").is_file()
+    assert not (tmp_path / "smoke" / "merge").exists()
+    assert not list((tmp_path / "smoke").glob(".merge.partial-*"))

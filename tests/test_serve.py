@@ -1,0 +1,102 @@
+"""A deployment served against a real `prefect server` on 127.0.0.1, triggered through the API as the UI does."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started, and its children, by its pid (it leads its own session)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": url, "PREFECT_SERVER_API_HOST": "127.0.0.1"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "prefect server did not become healthy in 90 s"
+            time.sleep(0.5)
+        yield {"url": url, "env": env, "home": home}
+    finally:
+        stop(proc)
+        log.close()
+
+
+def test_served_deployment_runs_with_parameter_override(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", "--name", "test-serve", "--cron", "30 3 * * *", "--config", "smoke"],
+        cwd=ROOT, env=prefect_server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    store = tmp_path / "store"
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server["url"]}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 90
+            while not (found := client.read_deployments(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["test-serve"])))):
+                assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "deployment never appeared"
+                time.sleep(1)
+            deployment = found[0]
+            assert deployment.parameters["config"] == "smoke"
+            assert [s.schedule.cron for s in deployment.schedules] == ["30 3 * * *"]
+
+            # What the UI's "Custom run" form posts: the deployment's parameters with some changed.
+            run = client.create_flow_run_from_deployment(deployment.id, parameters={
+                "config": "smoke", "overrides": ["training.max_steps=12"], "run_name": "from-ui", "store": str(store)})
+            deadline = time.monotonic() + 420
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert time.monotonic() < deadline, f"flow run stuck in {state.name}"
+                time.sleep(2)
+            assert state.is_completed(), f"{state.name}: {state.message}\n" + (tmp_path / "serve.log").read_text()[-4000:]
+    finally:
+        stop(serve)
+        log.close()
+    summary = json.loads((store / "from-ui" / "run.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["metrics"]["finetune"]["steps"] == 12
+    assert summary["config"]["training"]["max_steps"] == 12
