@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_path(cfg.store.uri, cfg.run_name) / "run.json"
     try:
         finetune_then_quantize(args.config, args.overrides, args.run_name, args.store, args.force)
+        code = 0
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -108,10 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("traceback:\n%s", traceback.format_exc())
         print(f"error: the run failed in {_failed_stage(summary)}: {type(exc).__name__}: {exc}. The store keeps "
               f"every finished stage; fix the cause and rerun the same command to resume.", file=sys.stderr)
-        print(f"run summary: {summary}", flush=True)
-        return 1
+        code = 1
+    _stop_temporary_prefect_server()
     print(f"run summary: {summary}", flush=True)
-    return 0
+    return code
+
+
+def _stop_temporary_prefect_server() -> None:
+    """Stop the throwaway local server Prefect starts when no API is configured, so its goodbye is not our last line."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+    SubprocessASGIServer().stop()
 
 
 def _failed_stage(summary: Path) -> str:
