@@ -8,18 +8,19 @@ Exit codes: 0 done, 2 bad input (nothing written), 1 any other failure (run.json
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 import traceback
-from pathlib import Path
 
-from prefect import flow
+from prefect import flow, tags
+from prefect.artifacts import create_markdown_artifact
 
 from pipeline.config import load_config
 from pipeline.errors import BadInputError
 from pipeline.preflight import preflight
-from pipeline.store import run_path, write_run_summary
+from pipeline.store import RUN_SUMMARY, open_store, read_json, write_json
 from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
@@ -27,6 +28,10 @@ from tasks.quantize import quantize
 logger = logging.getLogger(__name__)
 STAGES = ("finetune", "merge", "quantize")
 PIPELINE_LOGGERS = ("pipeline", "tasks", "flows")  # also [tool.prefect.logging] extra_loggers: sent to the UI
+# Every stage's task run carries this tag, so `prefect concurrency-limit create gpu 1` lets one stage at a time,
+# across all flow runs, hold the GPU (see prefect.yaml).
+GPU_TAG = "gpu"
+REPORT_KEY = "finetune-then-quantize-report"  # the report artifact's key: one history of reports in the UI
 
 
 def show_pipeline_logs() -> None:
@@ -45,8 +50,15 @@ def finetune_then_quantize(
 ) -> str:
     """Fine-tune the full-precision base with LoRA, merge the adapter, GPTQ-quantize; return run.json's path.
 
-    config: a YAML in conf/ (`smoke`, `default`, ...) or a path; overrides: `dotted.key=value` strings;
-    force: stages to recompute even if the store holds them.
+    Ends with a markdown report artifact (status, each stage's store URI, metrics, run.json) on the flow run's page.
+    The Args below are the descriptions of the deployment's parameter form in the Prefect UI.
+
+    Args:
+        config: A config in conf/ by name (smoke, default, qwen2-1.5b-instruct) or a YAML path on the worker.
+        overrides: Config overrides, one `dotted.key=value` each (values are YAML), e.g. `training.max_steps=100`.
+        run_name: The run's folder in the store; empty: the config's run_name.
+        store: Where the run is written (a path or store URI); empty: the config's store.uri.
+        force: Stages to recompute even if the store holds them: finetune, merge, quantize.
     """
     show_pipeline_logs()
     cfg = load_config(config, overrides or [], run_name=run_name, store=store)
@@ -55,16 +67,20 @@ def finetune_then_quantize(
     if unknown:
         raise BadInputError(f"force names unknown stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
     preflight(cfg)
-    run_dir = run_path(cfg.store.uri, cfg.run_name)
+    artifacts = open_store(cfg.store.uri, cfg.store.credentials_block)
     summary: dict = {"run_name": cfg.run_name, "config": cfg.model_dump(), "stages": {}, "status": "running"}
     started = time.perf_counter()
     try:
-        adapter = finetune(cfg.model, cfg.data, cfg.lora, cfg.training, run_dir, "finetune" in force)
-        summary["stages"]["finetune"] = adapter.summary()
-        merged = merge(cfg.model, cfg.data, cfg.merge, adapter, run_dir, "merge" in force or not adapter.reused)
-        summary["stages"]["merge"] = merged.summary()
-        quantized = quantize(cfg.data, cfg.quantization, merged, run_dir, "quantize" in force or not merged.reused)
-        summary["stages"]["quantize"] = quantized.summary()
+        with tags(GPU_TAG):
+            adapter = finetune(cfg.model, cfg.data, cfg.lora, cfg.training, cfg.store, cfg.run_name,
+                               "finetune" in force)
+            summary["stages"]["finetune"] = adapter.summary()
+            merged = merge(cfg.model, cfg.data, cfg.merge, adapter, cfg.store, cfg.run_name,
+                           "merge" in force or not adapter.reused)
+            summary["stages"]["merge"] = merged.summary()
+            quantized = quantize(cfg.data, cfg.quantization, merged, cfg.store, cfg.run_name,
+                                 "quantize" in force or not merged.reused)
+            summary["stages"]["quantize"] = quantized.summary()
         summary["status"] = "completed"
     except BaseException as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -72,9 +88,25 @@ def finetune_then_quantize(
     finally:
         summary["seconds"] = round(time.perf_counter() - started, 2)
         summary["metrics"] = {name: stage["metrics"] for name, stage in summary["stages"].items()}
-        path = write_run_summary(run_dir, summary)
-        logger.info("run %s %s: %s", cfg.run_name, summary["status"], path)
-    return str(path)
+        path = artifacts.path(cfg.run_name, RUN_SUMMARY)
+        write_json(artifacts, path, summary)
+        logger.info("run %s %s: %s", cfg.run_name, summary["status"], artifacts.url(path))
+        publish_report(artifacts.url(path), summary)
+    return artifacts.url(path)
+
+
+def publish_report(path: str, summary: dict) -> None:
+    """The run's report on its flow run page (Artifacts tab): status, each stage's store URI, metrics, run.json."""
+    rows = "\n".join(f"| {name} | `{stage['uri']}` | {stage['seconds']} | {stage['reused']} |"
+                     for name, stage in summary["stages"].items())
+    markdown = (f"# finetune-then-quantize: {summary['run_name']} {summary['status']}\n\n"
+                f"run.json: `{path}`\n\n| stage | store URI | seconds | reused |\n| --- | --- | --- | --- |\n{rows}\n\n"
+                + (f"**error:** {summary['error']}\n\n" if "error" in summary else "")
+                + f"```json\n{json.dumps(summary, indent=2, default=str)}\n```\n")
+    try:
+        create_markdown_artifact(markdown, key=REPORT_KEY, description=f"run {summary['run_name']}: {path}")
+    except Exception as exc:  # the run's outcome is in the store; a report that cannot be sent must not change it
+        logger.warning("could not publish the report artifact: %s: %s", type(exc).__name__, exc)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = run_path(cfg.store.uri, cfg.run_name) / "run.json"
+    store = open_store(cfg.store.uri, cfg.store.credentials_block)
+    summary = store.path(cfg.run_name, RUN_SUMMARY)
     try:
         finetune_then_quantize(args.config, args.overrides, args.run_name, args.store, args.force)
         code = 0
@@ -107,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         logger.debug("traceback:\n%s", traceback.format_exc())
-        print(f"error: the run failed in {_failed_stage(summary)}: {type(exc).__name__}: {exc}. The store keeps "
+        print(f"error: the run failed in {_failed_stage(store, summary)}: {type(exc).__name__}: {exc}. The store keeps "
               f"every finished stage; fix the cause and rerun the same command to resume.", file=sys.stderr)
         code = 1
     _stop_temporary_prefect_server()
-    print(f"run summary: {summary}", flush=True)
+    print(f"run summary: {store.url(summary)}", flush=True)
     return code
 
 
@@ -126,12 +159,10 @@ def _stop_temporary_prefect_server() -> None:
     SubprocessASGIServer().stop()
 
 
-def _failed_stage(summary: Path) -> str:
-    import json
-
+def _failed_stage(store, summary: str) -> str:
     try:
-        done = json.loads(summary.read_text())["stages"]
-    except (OSError, ValueError, KeyError):
+        done = (read_json(store, summary) or {})["stages"]
+    except Exception:  # the store itself may be what failed
         return "an early step"
     return next((s for s in STAGES if s not in done), "the last step")
 

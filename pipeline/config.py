@@ -6,6 +6,7 @@ so a YAML maps one to one onto the calls. Each stage receives only its own secti
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+RESERVED_NAMES = {"index"}  # <store>/index/ holds the stage index
 
 
 class _Section(BaseModel):
@@ -103,11 +106,13 @@ class QuantizationConfig(_Section):
 
 
 class StoreConfig(_Section):
-    uri: str = Field(default="./artifacts", description="Where every stage writes `<uri>/<run_name>/<stage>/`.")
+    uri: str = Field(default="./artifacts", description="Local path or s3://bucket/prefix; stages go to <uri>/<run_name>/<stage>/.")
+    credentials_block: str | None = Field(
+        default=None, description="Prefect Secret block with {key, secret, endpoint_url}; else the AWS_* environment.")
 
 
 class PipelineConfig(_Section):
-    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Names the run's folder in the store.")
+    run_name: str = Field(description="Names the run's folder in the store: letters, digits, . _ -")
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = LoraConfig()
@@ -115,6 +120,14 @@ class PipelineConfig(_Section):
     merge: MergeConfig = MergeConfig()
     quantization: QuantizationConfig = QuantizationConfig()
     store: StoreConfig = StoreConfig()
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_stays_in_store(cls, value: str) -> str:
+        if not RUN_NAME.fullmatch(value) or value in {".", ".."} or value in RESERVED_NAMES:
+            raise ValueError(f"run_name {value!r} must be one folder name inside the store (letters, digits, '.', '_', "
+                             f"'-'; not starting with '.' or '-'; not {sorted(RESERVED_NAMES)}), e.g. nightly-2026-11-28")
+        return value
 
 
 def resolve_config_path(config: str | Path) -> Path:

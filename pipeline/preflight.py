@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
 
 from pipeline.base_model import ModelSourceError, read_model_config, unquantized_name
 from pipeline.config import PipelineConfig
 from pipeline.data import DataError, load_rows, load_splits
 from pipeline.errors import PreflightError
+from pipeline.store import StoreError, check_store, open_store
 
 logger = logging.getLogger(__name__)
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
@@ -24,7 +23,10 @@ def preflight(cfg: PipelineConfig) -> None:
     """Raise PreflightError with every problem found; return None if the run can start."""
     problems: list[str] = []
     problems += check_qlora(cfg.training.qlora)
-    problems += check_store_writable(cfg.store.uri)
+    try:
+        problems += check_store(open_store(cfg.store.uri, cfg.store.credentials_block))
+    except StoreError as exc:
+        problems.append(str(exc))
     model_config = None
     try:
         model_config = read_model_config(cfg.model.name_or_path, cfg.model.revision)
@@ -52,21 +54,6 @@ def check_qlora(qlora: bool) -> list[str]:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return ["training.qlora is true but bitsandbytes is not installed: pip install '.[qlora]'"]
-    return []
-
-
-def check_store_writable(uri: str) -> list[str]:
-    """The store must be creatable and writable; nothing is created here."""
-    if "://" in uri and not uri.startswith("file://"):
-        return [f"store {uri!r}: only local paths are supported so far; use a local directory"]
-    path = Path(uri.removeprefix("file://")).expanduser().absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return [f"store {uri!r}: {existing} is a file, not a directory; choose another store.uri"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"store {uri!r}: {existing} is not writable by this user; choose another store.uri or fix permissions"]
     return []
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.store import find_reusable, library_versions, publish, stage_key, staging
+from pipeline.store import (Store, StageCorrupt, find_reusable, index_path, library_versions, materialize, new_scratch,
+                            publish, read_json, read_manifest, stage_key, write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -19,51 +21,68 @@ class StageArtifact:
     """What a stage hands to the next: where its output lies and what it measured; never tensors."""
 
     stage: str
-    uri: str
+    uri: str          # as users write it: a local path or s3://bucket/...
+    store_path: str   # the same place as a path in the store's filesystem
     key: str
     reused: bool
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def path(self) -> Path:
-        return Path(self.uri)
 
     def summary(self) -> dict[str, Any]:
         return {"uri": self.uri, "key": self.key, "reused": self.reused, "seconds": round(self.seconds, 2),
                 "metrics": self.metrics}
 
 
+def local_copy(store: Store, artifact: StageArtifact) -> Path:
+    """A local folder with the artifact's verified files (the store folder itself when the store is local)."""
+    manifest = read_manifest(store, artifact.store_path)
+    if manifest is None or manifest["key"] != artifact.key:
+        raise StageCorrupt(f"{artifact.uri} no longer holds {artifact.stage} {artifact.key[:12]}...; rerun to rebuild it")
+    return materialize(store, artifact.store_path, manifest)
+
+
 def run_stage(
+    store: Store,
+    run_name: str,
     stage: str,
-    stage_dir: Path,
     determinants: dict[str, Any],
     build: Callable[[Path], dict[str, Any]],
     inputs: dict[str, StageArtifact] = {},
     force: bool = False,
 ) -> StageArtifact:
-    """Reuse `stage_dir` if it holds this key (and `force` is off); else `build(tmp_dir) -> metrics` and publish."""
+    """Reuse a complete stage with this key (this run's, or any run's via the index) unless `force`; else
+    `build(scratch_dir) -> metrics` and publish the scratch folder as `<run_name>/<stage>`."""
     start = time.perf_counter()
     key = stage_key(stage, {**determinants, "inputs": {name: a.key for name, a in inputs.items()}})
-    if not force and (manifest := find_reusable(stage_dir, key)) is not None:
-        logger.info("%s: reusing %s (key %s...), finished %s", stage, stage_dir, key[:12], manifest.get("created_at"))
-        return StageArtifact(stage, str(stage_dir), key, True, time.perf_counter() - start, manifest["metrics"])
-    logger.info("%s: building into %s (key %s...)", stage, stage_dir, key[:12])
-    with staging(stage_dir) as tmp:
-        metrics = build(tmp)
-        publish(tmp, stage_dir, {
+    own = store.path(run_name, stage)
+    if not force:
+        for candidate in _candidates(store, own, stage, key):
+            if (manifest := find_reusable(store, candidate, key)) is not None:
+                logger.info("%s: reusing %s (key %s..., built %s)", stage, store.url(candidate), key[:12],
+                            manifest.get("created_at"))
+                return StageArtifact(stage, store.url(candidate), candidate, key, True,
+                                     time.perf_counter() - start, manifest["metrics"])
+    logger.info("%s: building %s (key %s...)", stage, store.url(own), key[:12])
+    scratch = new_scratch(store, own)
+    try:
+        metrics = build(scratch)
+        publish(store, scratch, own, {
             "stage": stage,
             "key": key,
             "config": determinants,
-            "inputs": {name: _input_manifest(a) for name, a in inputs.items()},
+            "inputs": {name: read_manifest(store, a.store_path) for name, a in inputs.items()},
             "versions": library_versions(),
             "metrics": metrics,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
-    return StageArtifact(stage, str(stage_dir), key, False, time.perf_counter() - start, metrics)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_json(store, index_path(store, stage, key), {"stage": stage, "key": key, "run_name": run_name})
+    return StageArtifact(stage, store.url(own), own, key, False, time.perf_counter() - start, metrics)
 
 
-def _input_manifest(artifact: StageArtifact) -> dict[str, Any]:
-    from pipeline.store import read_manifest
-
-    return read_manifest(artifact.path) or {"uri": artifact.uri, "key": artifact.key}
+def _candidates(store: Store, own: str, stage: str, key: str) -> list[str]:
+    """This run's stage folder first, then wherever the index says another run published the same key."""
+    entry = read_json(store, index_path(store, stage, key))
+    other = store.path(entry["run_name"], stage) if entry else None
+    return [own] + ([other] if other and other != own else [])

@@ -1,8 +1,13 @@
-"""The artifact store: `<store>/<run-name>/<stage>/` folders, each published whole with a manifest written last.
+"""The artifact store: a local folder or any fsspec URL (`s3://bucket/prefix` on AWS, MinIO, SeaweedFS, Ceph).
 
-A stage is complete only when its `manifest.json` exists; files are staged in a hidden temporary folder and
-moved into place in one rename, so readers never see half a model. A stage's `key` hashes what determines its
-output (its config and its inputs' keys); a rerun whose key matches a complete, checksum-valid stage reuses it.
+Layout: `<store>/<run-name>/<stage>/` holds a stage's files and its `manifest.json`, written last. A stage is
+visible only once its manifest exists; readers ignore folders without one. Locally a stage is staged in a hidden
+sibling folder and moved into place with one rename; on object storage the old manifest is removed first (the
+stage turns invisible), the files are uploaded, then the manifest. `<store>/index/<stage>/<key>.json` points at
+the stage that holds a key, so any run on any machine that sees the store can reuse it.
+
+Credentials never pass through here as values: s3fs reads them from the environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) or, with `store.credentials_block`, from a Prefect Secret block.
 """
 
 from __future__ import annotations
@@ -12,27 +17,153 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
-from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RUN_SUMMARY = "run.json"
-VERSIONED = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "gptqmodel", "optimum", "prefect")
+VERSIONED = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "gptqmodel", "optimum",
+             "prefect", "fsspec", "s3fs")
+S3_CLIENT = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+T = TypeVar("T")
 
 
-def run_path(store_uri: str, run_name: str) -> Path:
-    return Path(store_uri.removeprefix("file://")).expanduser().absolute() / run_name
+class StoreError(BadInputError):
+    """The store cannot be reached, read or written."""
 
+
+@dataclass(frozen=True)
+class Store:
+    """An fsspec filesystem and the store's root path in it. Holds no credentials of its own."""
+
+    uri: str
+    fs: Any
+    root: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def url(self, path: str) -> str:
+        """A path in this store as users write it: a local path, or `s3://bucket/...`."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+
+def open_store(uri: str, credentials_block: str | None = None) -> Store:
+    """Open `uri` (a local path, `file://`, `s3://`, or any fsspec protocol)."""
+    protocol, _, rest = uri.partition("://")
+    if _ and "@" in rest.split("/", 1)[0]:
+        raise StoreError(f"store URI {_redact(uri)!r} embeds credentials; remove them and set AWS_ACCESS_KEY_ID/"
+                         "AWS_SECRET_ACCESS_KEY in the environment or store.credentials_block instead")
+    options: dict[str, Any] = {}
+    if protocol == "s3" and _:
+        options = {"config_kwargs": S3_CLIENT, **_block_options(credentials_block)}
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, **options)
+    except (ImportError, ValueError) as exc:
+        raise StoreError(f"cannot open store {uri!r}: {exc}. Local paths and s3:// are supported "
+                         "(s3 needs s3fs, installed with this project)") from exc
+    return Store(uri=uri, fs=fs, root=root.rstrip("/") or root)
+
+
+def _block_options(block_name: str | None) -> dict[str, Any]:
+    """s3fs options from a Prefect Secret block holding {"key", "secret", "endpoint_url"?, "region"?} as JSON."""
+    if not block_name:
+        return {}
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name).get()
+    except ValueError as exc:
+        raise StoreError(f"store.credentials_block {block_name!r} cannot be loaded ({exc}); create it with "
+                         "prefect.blocks.system.Secret(value={...}).save(name)") from exc
+    value = json.loads(value) if isinstance(value, str) else value
+    client = {k: value[k] for k in ("endpoint_url",) if value.get(k)}
+    if value.get("region"):
+        client["region_name"] = value["region"]
+    return {"key": value.get("key"), "secret": value.get("secret"), "client_kwargs": client}
+
+
+def _redact(uri: str) -> str:
+    protocol, sep, rest = uri.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    return f"{protocol}{sep}***@{netloc.rsplit('@', 1)[-1]}{slash}{tail}" if "@" in netloc else uri
+
+
+def retrying(what: str, call: Callable[[], T], attempts: int = 3, wait: float = 1.0) -> T:
+    """Run a store operation, retrying connection failures a bounded number of times, then a clear StoreError."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+                raise
+            if attempt == attempts:
+                raise StoreError(f"{what} failed after {attempts} attempts: {type(exc).__name__}: "
+                                 f"{str(exc)[:300]}. Check that the store is reachable and retry") from exc
+            logger.warning("%s failed (%s), retry %d/%d in %.0f s", what, type(exc).__name__, attempt, attempts - 1, wait)
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def check_store(store: Store) -> list[str]:
+    """Problems that stop a run from writing to the store. Locally nothing is created; remotely one probe
+    object is written and removed (object stores grant write access only on write)."""
+    if store.is_local:
+        existing = Path(store.root)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            return [f"store {store.uri!r}: {existing} is a file, not a directory; choose another store.uri"]
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return [f"store {store.uri!r}: {existing} is not writable by this user; "
+                    "choose another store.uri or fix permissions"]
+        return []
+    probe = store.path(".ftq-probe", uuid.uuid4().hex)
+    try:
+        retrying(f"writing a probe to store {store.uri}", lambda: store.fs.pipe(probe, b""))
+        store.fs.rm(probe)
+    except PermissionError as exc:
+        return [f"store {store.uri!r} is not writable with the configured credentials ({str(exc)[:200]}); "
+                "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or store.credentials_block"]
+    except FileNotFoundError as exc:
+        return [f"store {store.uri!r}: bucket not found ({str(exc)[:200]}); create it or fix store.uri"]
+    except StoreError as exc:
+        return [f"store {store.uri!r} is unreachable: {exc}"]
+    except Exception as exc:  # botocore raises its own types for DNS, TLS, signature problems
+        return [f"store {store.uri!r} cannot be written: {type(exc).__name__}: {str(exc)[:200]}"]
+    return []
+
+
+# --- keys and manifests ---------------------------------------------------------------------------------------
 
 def stage_key(stage: str, determinants: dict[str, Any]) -> str:
     """sha256 of everything that determines a stage's output, canonically serialised."""
     blob = json.dumps({"stage": stage, **determinants}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def code_version(*modules: Any) -> str:
+    """sha256 of the source of the modules whose code shapes a stage's output."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -44,10 +175,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def describe_files(root: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {sha256, size}} of every file under root except the manifest."""
+    """{relative path: {sha256, size}} of every file under a local folder except the manifest."""
     return {
-        str(p.relative_to(root)): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != MANIFEST
     }
 
 
@@ -61,64 +192,142 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
-    path = Path(stage_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(store: Store, path: str) -> dict[str, Any] | None:
+    try:
+        raw = retrying(f"reading {store.url(path)}", lambda: store.fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    return json.loads(raw)
 
 
-def find_reusable(stage_dir: Path, key: str) -> dict[str, Any] | None:
-    """The manifest of a complete stage with this key whose files still match their checksums, else None."""
-    manifest = read_manifest(stage_dir)
+def write_json(store: Store, path: str, payload: dict[str, Any]) -> None:
+    """Write JSON in one step: a local rename, or one PUT (atomic on object stores)."""
+    data = (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode()
+    if store.is_local:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    else:
+        retrying(f"writing {store.url(path)}", lambda: store.fs.pipe_file(path, data))
+
+
+def read_manifest(store: Store, stage_path: str) -> dict[str, Any] | None:
+    return read_json(store, f"{stage_path}/{MANIFEST}")
+
+
+def verify_local(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the local copy of a stage does not match its manifest, or None."""
+    for rel, info in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
+            return f"{rel} fails its checksum"
+    return None
+
+
+# --- stages -----------------------------------------------------------------------------------------------------
+
+def find_reusable(store: Store, stage_path: str, key: str) -> dict[str, Any] | None:
+    """The manifest of a complete stage at stage_path with this key whose files match their checksums."""
+    manifest = read_manifest(store, stage_path)
     if manifest is None:
         return None
     if manifest.get("key") != key:
-        logger.info("%s holds a different %s (key %s..., want %s...): recomputing",
-                    stage_dir, manifest.get("stage"), str(manifest.get("key"))[:12], key[:12])
+        logger.info("%s holds another %s (key %s..., want %s...)", store.url(stage_path), manifest.get("stage"),
+                    str(manifest.get("key"))[:12], key[:12])
         return None
-    for rel, info in manifest["files"].items():
-        path = stage_dir / rel
-        if not path.is_file() or path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
-            logger.warning("%s: %s is missing or fails its checksum; treating the stage as missing", stage_dir, rel)
-            return None
-    return manifest
-
-
-@contextmanager
-def staging(stage_dir: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside stage_dir to write into; removed if the block raises."""
-    stage_dir = Path(stage_dir)
-    tmp = stage_dir.parent / f".{stage_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def publish(tmp: Path, stage_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Checksum tmp's files, write the manifest last, then move tmp into place (replacing an older stage)."""
-    manifest = {**manifest, "files": describe_files(tmp)}
-    _write_json_atomic(tmp / MANIFEST, manifest)
-    old = None
-    if stage_dir.exists():
-        old = stage_dir.parent / f".{stage_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        stage_dir.rename(old)
-    tmp.rename(stage_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("published %s (%d files)", stage_dir, len(manifest["files"]))
+        materialize(store, stage_path, manifest)
+    except StageCorrupt as exc:
+        logger.warning("%s: %s; treating the stage as missing and recomputing it", store.url(stage_path), exc)
+        return None
     return manifest
 
 
-def write_run_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    path = Path(run_dir) / RUN_SUMMARY
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, summary)
-    return path
+class StageCorrupt(Exception):
+    """A stage's files do not match its manifest."""
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+def materialize(store: Store, stage_path: str, manifest: dict[str, Any]) -> Path:
+    """A local folder with the stage's verified files: the store folder itself, or a download cached by key."""
+    if store.is_local:
+        folder = Path(stage_path)
+        if problem := verify_local(folder, manifest):
+            raise StageCorrupt(problem)
+        return folder
+    from pipeline.base_model import cache_root
+
+    cached = cache_root() / "stages" / f"{manifest['stage']}-{manifest['key'][:32]}"
+    if (cached / MANIFEST).is_file() and json.loads((cached / MANIFEST).read_text()) == manifest \
+            and verify_local(cached, manifest) is None:
+        return cached
+    tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        for rel in manifest["files"]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            retrying(f"downloading {rel}", lambda rel=rel: store.fs.get_file(f"{stage_path}/{rel}", str(tmp / rel)))
+        if problem := verify_local(tmp, manifest):
+            raise StageCorrupt(problem)
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    except FileNotFoundError as exc:
+        raise StageCorrupt(f"a file listed in the manifest is missing ({exc})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cached
+
+
+def new_scratch(store: Store, stage_path: str) -> Path:
+    """A fresh local folder to build a stage in: beside the stage for a local store (so publishing is one
+    rename), in the local cache for a remote one."""
+    if store.is_local:
+        target = Path(stage_path)
+        scratch = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    else:
+        from pipeline.base_model import cache_root
+
+        scratch = cache_root() / "scratch" / uuid.uuid4().hex
+    scratch.mkdir(parents=True)
+    return scratch
+
+
+def publish(store: Store, scratch: Path, stage_path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Make scratch's files the stage at stage_path, manifest last; return the manifest written."""
+    manifest = {**manifest, "files": describe_files(scratch)}
+    if store.is_local:
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        target, old = Path(stage_path), None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            target.rename(old)
+        scratch.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        # Retire an older stage here: its manifest goes first, so no reader ever sees it half replaced.
+        old_manifest = f"{stage_path}/{MANIFEST}"
+        if retrying("checking the stage", lambda: store.fs.exists(old_manifest)):
+            retrying(f"retiring {store.url(stage_path)}", lambda: store.fs.rm_file(old_manifest))
+        if retrying("checking the stage", lambda: store.fs.exists(stage_path)):
+            retrying(f"retiring {store.url(stage_path)}", lambda: store.fs.rm(stage_path, recursive=True))
+        for rel in manifest["files"]:
+            retrying(f"uploading {rel}", lambda rel=rel: store.fs.put_file(str(scratch / rel), f"{stage_path}/{rel}"))
+        write_json(store, f"{stage_path}/{MANIFEST}", manifest)
+        # Keep the built copy as the local cache of this key, so the next stage does not download it again.
+        from pipeline.base_model import cache_root
+
+        (scratch / MANIFEST).write_text(json.dumps(manifest))
+        cached = cache_root() / "stages" / f"{manifest['stage']}-{manifest['key'][:32]}"
+        shutil.rmtree(cached, ignore_errors=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        scratch.rename(cached)
+    logger.info("published %s (%d files)", store.url(stage_path), len(manifest["files"]))
+    return manifest
+
+
+def index_path(store: Store, stage: str, key: str) -> str:
+    return store.path("index", stage, f"{key}.json")

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
+import pipeline.data
 from pipeline.base_model import resolve_model_dir
-from pipeline.config import DataConfig, LoraConfig, ModelConfig, TrainingConfig
+from pipeline.checkpoints import CheckpointSync, restore_latest
+from pipeline.config import DataConfig, LoraConfig, ModelConfig, StoreConfig, TrainingConfig
 from pipeline.data import load_splits, tokenize_example
 from pipeline.stage import StageArtifact, run_stage
-from pipeline.store import describe_files, stage_key
+from pipeline.store import code_version, describe_files, open_store, retrying, stage_key
 
 logger = logging.getLogger(__name__)
 
 
 def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
-               out_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
+               out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on `base_dir`, write it to `out_dir`, return eval losses before and after.
 
-    Checkpoints go to `checkpoint_dir` every `save_steps`; a rerun with the same folder resumes from the last.
+    Checkpoints go to `checkpoint_dir` every `save_steps`, and with `sync` to the store as well; training resumes
+    from the newest complete one (the store's, restored into `checkpoint_dir`, else the folder's own).
     """
     import torch
     from peft import LoraConfig as PeftLoraConfig
@@ -92,9 +97,11 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[ProgressLogger()],
+        callbacks=[ProgressLogger()] + ([sync] if sync else []),
     )
     eval_before = trainer.evaluate()["eval_loss"]
+    if sync is not None:
+        restore_latest(sync.store, sync.prefix, Path(checkpoint_dir))
     resume = get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
     if resume:
         logger.info("resuming from %s", resume)
@@ -121,8 +128,14 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
 
 
 def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
-                   run_dir: Path, force: bool = False) -> StageArtifact:
-    """Fine-tune into `<run_dir>/finetune/`, or reuse it when base files, data, and config are unchanged."""
+                   store_cfg: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
+    """Fine-tune into `<store>/<run_name>/finetune/`, or reuse a stage built from the same base files, data,
+    config and code. Checkpoints live in `<store>/<run_name>/.work/` until the adapter is published."""
+    import sys
+
+    from pipeline.base_model import cache_root
+
+    store = open_store(store_cfg.uri, store_cfg.credentials_block)
     base_dir = resolve_model_dir(model.name_or_path, model.revision)
     splits = load_splits(data)
     determinants = {
@@ -131,19 +144,24 @@ def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, train
         "data": {**data.model_dump(), "content": stage_key("data", {"train": splits.train, "eval": splits.eval})},
         "lora": lora.model_dump(),
         "training": training.model_dump(),
+        "code": code_version(sys.modules[__name__], pipeline.data),
     }
-    key = stage_key("finetune", determinants)
-    checkpoint_dir = run_dir / ".work" / f"finetune-{key[:16]}"
+    work = store.path(run_name, ".work", f"finetune-{stage_key('finetune', determinants)[:16]}")
+    local_checkpoints = cache_root() / "scratch" / f"checkpoints-{os.getpid()}-{time.time_ns()}"
 
     def build(out_dir: Path) -> dict[str, Any]:
-        return train_lora(base_dir, data, lora, training, out_dir, checkpoint_dir)
+        return train_lora(base_dir, data, lora, training, out_dir, local_checkpoints, CheckpointSync(store, work))
 
-    artifact = run_stage("finetune", run_dir / "finetune", determinants, build, force=force)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is published; checkpoints are spent
+    try:
+        artifact = run_stage(store, run_name, "finetune", determinants, build, force=force)
+    finally:
+        shutil.rmtree(local_checkpoints, ignore_errors=True)
+    if retrying("checking checkpoints", lambda: store.fs.exists(work)):
+        retrying("removing spent checkpoints", lambda: store.fs.rm(work, recursive=True))  # the adapter is published
     return artifact
 
 
 @task(name="finetune")
 def finetune(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
-             run_dir: Path, force: bool = False) -> StageArtifact:
-    return finetune_stage(model, data, lora, training, run_dir, force)
+             store: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
+    return finetune_stage(model, data, lora, training, store, run_name, force)

@@ -9,10 +9,11 @@ from typing import Any
 from prefect import task
 
 from pipeline.base_model import resolve_model_dir
-from pipeline.config import DataConfig, MergeConfig, ModelConfig
+from pipeline.config import DataConfig, MergeConfig, ModelConfig, StoreConfig
 from pipeline.data import load_splits, tokenize_example
 from pipeline.errors import StageCheckError
-from pipeline.stage import StageArtifact, run_stage
+from pipeline.stage import StageArtifact, local_copy, run_stage
+from pipeline.store import code_version, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -84,23 +85,28 @@ def _pad(sequences: list[list[int]], pad_id: int) -> dict:
 
 
 def merge_stage(model: ModelConfig, data: DataConfig, merge: MergeConfig, adapter: StageArtifact,
-                run_dir: Path, force: bool = False) -> StageArtifact:
-    """Merge into `<run_dir>/merge/`, or reuse it when the adapter and merge config are unchanged."""
+                store_cfg: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
+    """Merge into `<store>/<run_name>/merge/`, or reuse a merge of the same adapter with the same config and code."""
+    import sys
+
     from transformers import AutoTokenizer
+
+    store = open_store(store_cfg.uri, store_cfg.credentials_block)
 
     def build(out_dir: Path) -> dict[str, Any]:
         base_dir = resolve_model_dir(model.name_or_path, model.revision)
-        tokenizer = AutoTokenizer.from_pretrained(adapter.path)
+        adapter_dir = local_copy(store, adapter)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         splits = load_splits(data)
         rows = splits.eval[: merge.check_samples]
         check_inputs = [tokenize_example(r, splits.form, tokenizer, data.max_length)["input_ids"] for r in rows]
-        return merge_adapter(base_dir, adapter.path, out_dir, merge, check_inputs)
+        return merge_adapter(base_dir, adapter_dir, out_dir, merge, check_inputs)
 
-    return run_stage("merge", run_dir / "merge", {"merge": merge.model_dump()}, build,
-                     inputs={"adapter": adapter}, force=force)
+    determinants = {"merge": merge.model_dump(), "code": code_version(sys.modules[__name__])}
+    return run_stage(store, run_name, "merge", determinants, build, inputs={"adapter": adapter}, force=force)
 
 
 @task(name="merge")
 def merge(model: ModelConfig, data: DataConfig, merge_cfg: MergeConfig, adapter: StageArtifact,
-          run_dir: Path, force: bool = False) -> StageArtifact:
-    return merge_stage(model, data, merge_cfg, adapter, run_dir, force)
+          store: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
+    return merge_stage(model, data, merge_cfg, adapter, store, run_name, force)

@@ -16,16 +16,17 @@ from typing import Any, Iterator
 
 from prefect import task
 
-from pipeline.config import CalibrationConfig, DataConfig, QuantizationConfig
+from pipeline.config import CalibrationConfig, DataConfig, QuantizationConfig, StoreConfig
 from pipeline.data import detect_form, load_rows, load_splits, render_text
 from pipeline.errors import StageCheckError
-from pipeline.stage import StageArtifact, run_stage
+from pipeline.stage import StageArtifact, local_copy, run_stage
+from pipeline.store import code_version, open_store, stage_key
 
 logger = logging.getLogger(__name__)
 
 
-def calibration_texts(calibration: CalibrationConfig, data: DataConfig, tokenizer) -> list[str]:
-    """`n_samples` texts, each cut to `max_length` tokens: training rows rendered as in training, or a file's rows."""
+def calibration_rows(calibration: CalibrationConfig, data: DataConfig) -> tuple[list[dict], str]:
+    """The rows GPTQ calibrates on and their form: training rows, or a file's/dataset's rows, seeded sample."""
     if calibration.source == "train":
         splits = load_splits(data)
         rows, form = splits.train, splits.form
@@ -34,10 +35,15 @@ def calibration_texts(calibration: CalibrationConfig, data: DataConfig, tokenize
         form = detect_form(set(rows[0]), "auto")
     rows = rows[:]
     random.Random(data.seed).shuffle(rows)
+    return rows[: calibration.n_samples], form
+
+
+def calibration_texts(rows: list[dict], form: str, tokenizer, max_length: int) -> list[str]:
+    """Each row rendered as in training, cut to `max_length` tokens."""
     texts = []
-    for row in rows[: calibration.n_samples]:
+    for row in rows:
         ids = tokenizer(render_text(row, form, tokenizer), add_special_tokens=False)["input_ids"]
-        texts.append(tokenizer.decode(ids[: calibration.max_length]))
+        texts.append(tokenizer.decode(ids[:max_length]))
     return texts
 
 
@@ -118,23 +124,31 @@ def _gptq_logs_into(folder: Path) -> Iterator[None]:
         loop_processor._PROJECT_LOG_DIR = previous
 
 
-def quantize_stage(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, run_dir: Path,
-                   force: bool = False) -> StageArtifact:
-    """Quantize into `<run_dir>/quantize/`, or reuse it when the merged model, config and calibration are unchanged."""
+def quantize_stage(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, store_cfg: StoreConfig,
+                   run_name: str, force: bool = False) -> StageArtifact:
+    """Quantize into `<store>/<run_name>/quantize/`, or reuse a quantization of the same merged model with the same
+    config, calibration texts and code."""
+    import sys
+
     from transformers import AutoTokenizer
 
-    from pipeline.store import stage_key
+    import pipeline.data
 
-    calibration = calibration_texts(quant.calibration, data, AutoTokenizer.from_pretrained(merged.path))
-    determinants = {"quantization": quant.model_dump(), "calibration": stage_key("calibration", {"texts": calibration})}
+    store = open_store(store_cfg.uri, store_cfg.credentials_block)
+    rows, form = calibration_rows(quant.calibration, data)
+    determinants = {"quantization": quant.model_dump(), "calibration": stage_key("calibration", {"rows": rows}),
+                    "code": code_version(sys.modules[__name__], pipeline.data)}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        return quantize_gptq(merged.path, out_dir, quant, calibration)
+        merged_dir = local_copy(store, merged)
+        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+        texts = calibration_texts(rows, form, tokenizer, quant.calibration.max_length)
+        return quantize_gptq(merged_dir, out_dir, quant, texts)
 
-    return run_stage("quantize", run_dir / "quantize", determinants, build, inputs={"merged": merged}, force=force)
+    return run_stage(store, run_name, "quantize", determinants, build, inputs={"merged": merged}, force=force)
 
 
 @task(name="quantize")
-def quantize(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, run_dir: Path,
+def quantize(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, store: StoreConfig, run_name: str,
              force: bool = False) -> StageArtifact:
-    return quantize_stage(data, quant, merged, run_dir, force)
+    return quantize_stage(data, quant, merged, store, run_name, force)

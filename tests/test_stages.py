@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.config import load_config
-from pipeline.store import read_manifest, sha256_file
+from pipeline.store import open_store, read_manifest, sha256_file
 from tasks.finetune import finetune_stage, train_lora
 from tasks.merge import merge_stage
 from tasks.quantize import quantize_stage
@@ -20,77 +20,75 @@ def cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(cfg):
-    from pipeline.store import run_path
-
-    return run_path(cfg.store.uri, cfg.run_name)
+def store(cfg):
+    return open_store(cfg.store.uri)
 
 
 @pytest.fixture(scope="module")
-def adapter(cfg, run_dir):
-    return finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, run_dir)
+def adapter(cfg):
+    return finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, cfg.store, cfg.run_name)
 
 
 @pytest.fixture(scope="module")
-def merged(cfg, run_dir, adapter):
-    return merge_stage(cfg.model, cfg.data, cfg.merge, adapter, run_dir)
+def merged(cfg, adapter):
+    return merge_stage(cfg.model, cfg.data, cfg.merge, adapter, cfg.store, cfg.run_name)
 
 
 @pytest.fixture(scope="module")
-def quantized(cfg, run_dir, merged):
-    return quantize_stage(cfg.data, cfg.quantization, merged, run_dir)
+def quantized(cfg, merged):
+    return quantize_stage(cfg.data, cfg.quantization, merged, cfg.store, cfg.run_name)
 
 
 def test_finetune_lowers_eval_loss(adapter):
     m = adapter.metrics
     assert m["steps"] == 30 and not adapter.reused
     assert m["eval_loss_after"] < 0.9 * m["eval_loss_before"], m
-    assert (adapter.path / "adapter_model.safetensors").is_file()
-    assert json.loads((adapter.path / "adapter_config.json").read_text())["r"] == 8
+    assert (Path(adapter.uri) / "adapter_model.safetensors").is_file()
+    assert json.loads((Path(adapter.uri) / "adapter_config.json").read_text())["r"] == 8
 
 
-def test_manifest_lists_files_with_checksums_config_and_versions(adapter, merged):
-    manifest = read_manifest(merged.path)
+def test_manifest_lists_files_with_checksums_config_and_versions(store, adapter, merged):
+    manifest = read_manifest(store, merged.store_path)
     assert manifest["stage"] == "merge" and manifest["key"] == merged.key
     for rel, info in manifest["files"].items():
-        assert sha256_file(merged.path / rel) == info["sha256"]
-        assert (merged.path / rel).stat().st_size == info["size"]
+        assert sha256_file(Path(merged.uri) / rel) == info["sha256"]
+        assert (Path(merged.uri) / rel).stat().st_size == info["size"]
     assert manifest["inputs"]["adapter"]["key"] == adapter.key
     assert manifest["inputs"]["adapter"]["files"]["adapter_model.safetensors"]["size"] > 0
     assert manifest["versions"]["transformers"] == "5.24.0" and manifest["versions"]["peft"] == "0.21.2"
     assert manifest["config"]["merge"]["dtype"] == "float32"
-    assert not list(merged.path.parent.glob(".merge.partial-*"))
+    assert not list(Path(merged.uri).parent.glob(".merge.partial-*"))
 
 
 def test_merged_logits_equal_adapter_logits_and_files_travel(merged, tiny_base):
     assert merged.metrics["logits_max_abs_diff"] < 1e-4
     assert merged.metrics["check_samples"] == 4
-    generation = json.loads((merged.path / "generation_config.json").read_text())
+    generation = json.loads((Path(merged.uri) / "generation_config.json").read_text())
     assert generation["eos_token_id"] == json.loads((tiny_base / "generation_config.json").read_text())["eos_token_id"]
-    assert "<|im_start|>" in (merged.path / "chat_template.jinja").read_text()
-    with safe_open(merged.path / "model.safetensors", "pt") as f:
+    assert "<|im_start|>" in (Path(merged.uri) / "chat_template.jinja").read_text()
+    with safe_open(Path(merged.uri) / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "F32"
     assert "lm_head.weight" not in keys, "tied embeddings must not be saved as a separate lm_head"
     assert not any("lora_" in k for k in keys)
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(merged.path)
+    reloaded = AutoModelForCausalLM.from_pretrained(Path(merged.uri))
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
 
 
 def test_merged_weights_differ_from_base(merged, tiny_base):
-    with safe_open(merged.path / "model.safetensors", "pt") as m, safe_open(tiny_base / "model.safetensors", "pt") as b:
+    with safe_open(Path(merged.uri) / "model.safetensors", "pt") as m, safe_open(tiny_base / "model.safetensors", "pt") as b:
         name = "model.layers.0.self_attn.q_proj.weight"
         assert (m.get_tensor(name) - b.get_tensor(name)).abs().max() > 1e-4
 
 
 def test_gptq_checkpoint_is_standard_v1_int4(quantized, cfg):
-    qc = json.loads((quantized.path / "config.json").read_text())["quantization_config"]
+    qc = json.loads((Path(quantized.uri) / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
     assert qc["bits"] == 4 and qc["group_size"] == 128 and qc["sym"] is True and qc["desc_act"] is False
     bits, group = 4, 128
-    with safe_open(quantized.path / "model.safetensors", "pt") as f:
+    with safe_open(Path(quantized.uri) / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         shapes = {k: f.get_slice(k).get_shape() for k in keys}
         dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
@@ -106,34 +104,36 @@ def test_gptq_checkpoint_is_standard_v1_int4(quantized, cfg):
     # v1 stores symmetric zero points as 8 minus one (0x77777777 per int32); v2 would store 0x88888888.
     assert (zeros == 0x77777777).all()
     assert not any(k.startswith("lm_head") for k in keys)
-    assert (quantized.path / "gptq_logs").is_dir() and not Path("logs").exists()
+    assert (Path(quantized.uri) / "gptq_logs").is_dir() and not Path("logs").exists()
 
 
 def test_gptq_reloads_with_transformers_generates_and_tracks_the_merged_model(quantized, merged):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert quantized.metrics["smoke_new_tokens"] >= 1
-    tokenizer = AutoTokenizer.from_pretrained(quantized.path)
+    tokenizer = AutoTokenizer.from_pretrained(Path(quantized.uri))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Spell 'river' backwards."}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        q = AutoModelForCausalLM.from_pretrained(quantized.path).eval()(**ids).logits.float()
-        m = AutoModelForCausalLM.from_pretrained(merged.path).eval()(**ids).logits.float()
+        q = AutoModelForCausalLM.from_pretrained(Path(quantized.uri)).eval()(**ids).logits.float()
+        m = AutoModelForCausalLM.from_pretrained(Path(merged.uri)).eval()(**ids).logits.float()
     assert torch.isfinite(q).all()
     correlation = torch.corrcoef(torch.stack([q.flatten(), m.flatten()]))[0, 1].item()
     assert correlation > 0.9, f"int4 logits barely track the merged model's (correlation {correlation:.3f})"
 
 
-def test_rerun_reuses_and_corruption_is_rebuilt(cfg, run_dir, adapter, merged, quantized):
-    again = finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, run_dir)
+def test_rerun_reuses_and_corruption_is_rebuilt(cfg, store, adapter, merged, quantized):
+    again = finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, cfg.store, cfg.run_name)
     assert again.reused and again.key == adapter.key and again.metrics == adapter.metrics
+    other_run = finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, cfg.store, "another-run")
+    assert other_run.reused and other_run.uri == adapter.uri, "a second run reuses the first run's stage"
     changed = cfg.lora.model_copy(update={"r": 4})
-    assert finetune_stage(cfg.model, cfg.data, changed, cfg.training, run_dir / "other").key != adapter.key
-    weights = merged.path / "model.safetensors"
+    assert finetune_stage(cfg.model, cfg.data, changed, cfg.training, cfg.store, "other").key != adapter.key
+    weights = Path(merged.uri) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
-    rebuilt = merge_stage(cfg.model, cfg.data, cfg.merge, adapter, run_dir)
+    rebuilt = merge_stage(cfg.model, cfg.data, cfg.merge, adapter, cfg.store, cfg.run_name)
     assert not rebuilt.reused and rebuilt.key == merged.key
-    assert sha256_file(weights) == read_manifest(merged.path)["files"]["model.safetensors"]["sha256"]
+    assert sha256_file(weights) == read_manifest(store, merged.store_path)["files"]["model.safetensors"]["sha256"]
 
 
 def test_training_resumes_from_its_last_checkpoint(cfg, tiny_base, tmp_path):
