@@ -64,6 +64,49 @@ def read_model_config(name_or_path: str, revision: str | None = None) -> dict[st
                                "your network/HF_TOKEN, or download it and pass the local folder") from exc
 
 
+def list_model_files(name_or_path: str, revision: str | None = None) -> list[str]:
+    """File names of the base (a folder's listing, or the hub repo's), without downloading weights."""
+    if name_or_path in BUILTINS:
+        return [p.name for p in resolve_model_dir(name_or_path).iterdir()]
+    path = Path(name_or_path)
+    if path.is_dir():
+        return [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().list_repo_files(name_or_path, revision=revision)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot list the files of {name_or_path!r} on the hub ({type(exc).__name__}); "
+                               "check the id and your network, or pass a local folder") from exc
+
+
+def read_tokenizer_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """tokenizer_config.json, with `chat_template` filled from chat_template.jinja/json where it lives apart."""
+    files = set(list_model_files(name_or_path, revision))
+    config: dict[str, Any] = {}
+    for name in ("tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
+        if name not in files:
+            continue
+        text = _read_model_file(name_or_path, name, revision)
+        if name == "tokenizer_config.json":
+            config.update(json.loads(text))
+        elif name == "chat_template.json":
+            config.setdefault("chat_template", json.loads(text).get("chat_template"))
+        else:
+            config.setdefault("chat_template", text)
+    return config
+
+
+def _read_model_file(name_or_path: str, name: str, revision: str | None) -> str:
+    if name_or_path in BUILTINS:
+        return (resolve_model_dir(name_or_path) / name).read_text()
+    if Path(name_or_path).is_dir():
+        return (Path(name_or_path) / name).read_text()
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(name_or_path, name, revision=revision)).read_text()
+
+
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     """A local directory holding the base model's files."""
     if name_or_path in BUILTINS:

@@ -27,7 +27,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name_or_path: str = Field(description="Hub id, local directory, or builtin:tiny-qwen2 (a random toy, for tests).")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(default=False, description="Run the model repo's own Python code (auto_map).")
+    allow_pickle: bool = Field(default=False, description="Load .bin/.pt weights (pickle can run code) if no safetensors.")
 
 
 class DataConfig(_Section):

@@ -7,6 +7,7 @@ The same rendering feeds calibration, so GPTQ sees the distribution the model wa
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
                             f"{'/'.join(FILE_BUILDERS)} file or a hub dataset id")
         if path.stat().st_size == 0:
             raise DataError(f"dataset file {source!r} is empty (0 bytes); it needs at least a few rows")
+        if path.suffix.lower() == ".jsonl":
+            check_jsonl(path)
         loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
     else:
         try:
@@ -50,6 +53,22 @@ def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
             raise DataError(f"cannot load dataset {source!r} (split {split!r}): {type(exc).__name__}: {exc}. "
                             f"Give a local .jsonl/.json/.csv/.parquet file or a reachable hub dataset id") from exc
     return loaded.to_list()
+
+
+def check_jsonl(path: Path) -> None:
+    """Every non-blank line must be one JSON object; the first bad one is named by line number."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}): "
+                                f"{line.strip()[:80]!r}; each line must be one JSON object") from exc
+            if not isinstance(value, dict):
+                raise DataError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; each line must be "
+                                'one object like {"messages": [...]}')
 
 
 def detect_form(columns: set[str], requested: str) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import math
 
-from pipeline.base_model import ModelSourceError, read_model_config, unquantized_name
+from pipeline.base_model import (ModelSourceError, list_model_files, read_model_config, read_tokenizer_config,
+                                 unquantized_name)
 from pipeline.config import PipelineConfig
 from pipeline.data import DataError, load_rows, load_splits
 from pipeline.errors import PreflightError
@@ -34,7 +35,9 @@ def preflight(cfg: PipelineConfig) -> None:
         problems.append(str(exc))
     if model_config is not None:
         problems += check_not_quantized(cfg.model.name_or_path, model_config)
-    problems += check_data(cfg)
+        problems += check_remote_code(cfg.model.name_or_path, model_config, cfg.model.trust_remote_code)
+        problems += check_weights_format(cfg)
+    problems += check_data(cfg, check_template=model_config is not None)
     if model_config is not None and "quantization_config" not in model_config:
         problems += check_layers(model_config, cfg)
     if problems:
@@ -50,9 +53,9 @@ def check_qlora(qlora: bool) -> list[str]:
     if not torch.cuda.is_available():
         return ["training.qlora is true but no CUDA GPU is visible: bitsandbytes 4-bit training needs one. "
                 "Set training.qlora=false to train LoRA on the full-precision base (CPU works), or run on a GPU"]
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("bitsandbytes") is None:
         return ["training.qlora is true but bitsandbytes is not installed: pip install '.[qlora]'"]
     return []
 
@@ -73,19 +76,58 @@ def check_not_quantized(name_or_path: str, model_config: dict) -> list[str]:
             f"fine-tunes the full-precision base, merges, then quantizes. Instead, {instead}"]
 
 
-def check_data(cfg: PipelineConfig) -> list[str]:
-    problems = []
+def check_remote_code(name_or_path: str, model_config: dict, trusted: bool) -> list[str]:
+    if "auto_map" not in model_config or trusted:
+        return []
+    return [f"base model {name_or_path!r} needs its own Python code (config.json auto_map: "
+            f"{sorted(model_config['auto_map'])}); read that code, then set model.trust_remote_code=true to run it"]
+
+
+def check_weights_format(cfg: PipelineConfig) -> list[str]:
     try:
-        load_splits(cfg.data)
+        files = list_model_files(cfg.model.name_or_path, cfg.model.revision)
+    except ModelSourceError as exc:
+        return [str(exc)]
+    if any(f.endswith(".safetensors") for f in files):
+        return []
+    pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth")) and "training_args" not in f)
+    if not pickles:
+        return [f"base model {cfg.model.name_or_path!r} has no weights (.safetensors) among its files"]
+    if cfg.model.allow_pickle:
+        return []
+    return [f"base model {cfg.model.name_or_path!r} has weights only as pickle ({', '.join(pickles[:3])}): loading "
+            "pickle can run arbitrary code. Convert them to safetensors, or set model.allow_pickle=true if you trust "
+            "the source"]
+
+
+def check_data(cfg: PipelineConfig, check_template: bool = True) -> list[str]:
+    problems = []
+    splits = None
+    try:
+        splits = load_splits(cfg.data)
     except DataError as exc:
         problems.append(str(exc))
-    source = cfg.quantization.calibration.source
-    if source != "train":
+    if splits is not None and splits.form == "chat" and check_template:
         try:
-            if not load_rows(source):
-                problems.append(f"calibration source {source!r} has no rows")
+            template = read_tokenizer_config(cfg.model.name_or_path, cfg.model.revision).get("chat_template")
+        except (ModelSourceError, OSError, ValueError) as exc:
+            template, problems = None, problems + [f"cannot read the base's tokenizer config: {exc}"]
+        if not template:
+            problems.append(f"data {cfg.data.path!r} is chat (`messages`) but the tokenizer of "
+                            f"{cfg.model.name_or_path!r} has no chat template to render it; use the instruct "
+                            "model's tokenizer, or give prompt/completion or text data")
+    calibration = cfg.quantization.calibration
+    if calibration.source == "train":
+        available = len(splits.train) if splits is not None else None
+    else:
+        try:
+            available = len(load_rows(calibration.source))
         except DataError as exc:
-            problems.append(f"quantization.calibration.source: {exc}")
+            available, problems = None, problems + [f"quantization.calibration.source: {exc}"]
+    if available is not None and available < calibration.n_samples:
+        problems.append(f"quantization.calibration.n_samples is {calibration.n_samples} but "
+                        f"{'the training split' if calibration.source == 'train' else repr(calibration.source)} has "
+                        f"only {available} rows; lower n_samples to at most {available} or add calibration data")
     return problems
 
 

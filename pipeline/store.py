@@ -71,7 +71,9 @@ def open_store(uri: str, credentials_block: str | None = None) -> Store:
                          "AWS_SECRET_ACCESS_KEY in the environment or store.credentials_block instead")
     options: dict[str, Any] = {}
     if protocol == "s3" and _:
-        options = {"config_kwargs": S3_CLIENT, **_block_options(credentials_block)}
+        # A fresh client per open, without listing caches: other processes and machines write this store too.
+        options = {"config_kwargs": S3_CLIENT, "skip_instance_cache": True, "use_listings_cache": False,
+                   **_block_options(credentials_block)}
     try:
         fs, root = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
@@ -104,12 +106,29 @@ def _redact(uri: str) -> str:
     return f"{protocol}{sep}***@{netloc.rsplit('@', 1)[-1]}{slash}{tail}" if "@" in netloc else uri
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level failures worth a retry: the OS's, and botocore's/aiohttp's own families (not OSError)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, OSError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        errors.append(BotoConnectionError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientConnectionError
+        errors.append(ClientConnectionError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def retrying(what: str, call: Callable[[], T], attempts: int = 3, wait: float = 1.0) -> T:
     """Run a store operation, retrying connection failures a bounded number of times, then a clear StoreError."""
+    transient = _transient_errors()
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except (ConnectionError, TimeoutError, OSError) as exc:
+        except transient as exc:
             if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
                 raise
             if attempt == attempts:

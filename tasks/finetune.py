@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
-               out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None) -> dict[str, Any]:
+               out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None,
+               trust_remote_code: bool = False) -> dict[str, Any]:
     """Train a LoRA adapter on `base_dir`, write it to `out_dir`, return eval losses before and after.
 
     Checkpoints go to `checkpoint_dir` every `save_steps`, and with `sync` to the store as well; training resumes
@@ -40,7 +41,7 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
     from pipeline.progress import ProgressLogger
 
     set_seed(training.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     splits = load_splits(data)
@@ -52,7 +53,8 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
 
     on_gpu = torch.cuda.is_available()
     bf16 = training.precision == "bf16" or (training.precision == "auto" and on_gpu)
-    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32,
+                                   "trust_remote_code": trust_remote_code}
     if training.qlora:
         from transformers import BitsAndBytesConfig
 
@@ -150,7 +152,8 @@ def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, train
     local_checkpoints = cache_root() / "scratch" / f"checkpoints-{os.getpid()}-{time.time_ns()}"
 
     def build(out_dir: Path) -> dict[str, Any]:
-        return train_lora(base_dir, data, lora, training, out_dir, local_checkpoints, CheckpointSync(store, work))
+        return train_lora(base_dir, data, lora, training, out_dir, local_checkpoints, CheckpointSync(store, work),
+                          trust_remote_code=model.trust_remote_code)
 
     try:
         artifact = run_stage(store, run_name, "finetune", determinants, build, force=force)

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, merge: MergeConfig,
-                  check_inputs: list[list[int]]) -> dict[str, Any]:
+                  check_inputs: list[list[int]], trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge `adapter_dir` into `base_dir`'s weights and save a standalone model to `out_dir`.
 
     Before saving, merged and adapter logits on `check_inputs` must agree within `merge.logits_atol`.
@@ -31,7 +31,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, merge: Merge
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     dtype = _merge_dtype(merge.dtype, base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
 
     batch = _pad(check_inputs, pad_id=0)
@@ -100,7 +100,7 @@ def merge_stage(model: ModelConfig, data: DataConfig, merge: MergeConfig, adapte
         splits = load_splits(data)
         rows = splits.eval[: merge.check_samples]
         check_inputs = [tokenize_example(r, splits.form, tokenizer, data.max_length)["input_ids"] for r in rows]
-        return merge_adapter(base_dir, adapter_dir, out_dir, merge, check_inputs)
+        return merge_adapter(base_dir, adapter_dir, out_dir, merge, check_inputs, model.trust_remote_code)
 
     determinants = {"merge": merge.model_dump(), "code": code_version(sys.modules[__name__])}
     return run_stage(store, run_name, "merge", determinants, build, inputs={"adapter": adapter}, force=force)

@@ -52,3 +52,24 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
         [sys.executable, "-m", "flows.finetune_then_quantize", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One real S3 server for the session (SeaweedFS on 127.0.0.1:8333), stopped by its pid at the end."""
+    from tests.s3server import WeedS3, port_is_free
+
+    if not port_is_free(8333):
+        pytest.fail("127.0.0.1:8333 is taken; stop whatever holds it (another weed?) and rerun")
+    server = WeedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This process talks to the test S3 server with the writer's credentials from the environment."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    return s3.env()
