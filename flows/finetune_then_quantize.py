@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from pipeline.config import load_config
 from pipeline.errors import BadInputError
 from pipeline.preflight import preflight
-from pipeline.store import RUN_SUMMARY, open_store, read_json, write_json
+from pipeline.store import RUN_SUMMARY, StoreUnavailable, open_store, read_json, write_json
 from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
@@ -89,24 +89,37 @@ def finetune_then_quantize(
         summary["seconds"] = round(time.perf_counter() - started, 2)
         summary["metrics"] = {name: stage["metrics"] for name, stage in summary["stages"].items()}
         path = artifacts.path(cfg.run_name, RUN_SUMMARY)
-        write_json(artifacts, path, summary)
-        logger.info("run %s %s: %s", cfg.run_name, summary["status"], artifacts.url(path))
+        try:
+            write_json(artifacts, path, summary)
+            logger.info("run %s %s: %s", cfg.run_name, summary["status"], artifacts.url(path))
+        except StoreUnavailable as exc:  # keep the run's own error, if any, as the one raised
+            logger.error("could not write %s: %s", artifacts.url(path), exc)
+            if summary["status"] == "completed":
+                raise
         publish_report(artifacts.url(path), summary)
     return artifacts.url(path)
 
 
 def publish_report(path: str, summary: dict) -> None:
-    """The run's report on its flow run page (Artifacts tab): status, each stage's store URI, metrics, run.json."""
-    rows = "\n".join(f"| {name} | `{stage['uri']}` | {stage['seconds']} | {stage['reused']} |"
-                     for name, stage in summary["stages"].items())
-    markdown = (f"# finetune-then-quantize: {summary['run_name']} {summary['status']}\n\n"
-                f"run.json: `{path}`\n\n| stage | store URI | seconds | reused |\n| --- | --- | --- | --- |\n{rows}\n\n"
-                + (f"**error:** {summary['error']}\n\n" if "error" in summary else "")
-                + f"```json\n{json.dumps(summary, indent=2, default=str)}\n```\n")
+    """The run's report on its flow run page (Artifacts tab): status, each stage's store URI and metrics, run.json."""
+    lines = [f"# finetune-then-quantize: {summary['run_name']} {summary['status']}", "", f"run.json: `{path}`", ""]
+    if "error" in summary:
+        lines += [f"**error:** {summary['error']}", ""]
+    lines += ["| stage | store URI | seconds | reused |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | `{stage['uri']}` | {stage['seconds']} | {stage['reused']} |"
+              for name, stage in summary["stages"].items()]
+    lines += ["", "## Metrics", ""]
+    lines += [f"- **{name}**: " + ", ".join(f"{key} {_brief(value)}" for key, value in (stage.get("metrics") or {}).items())
+              for name, stage in summary["stages"].items()]
+    lines += ["", "## run.json", "", "```json", json.dumps(summary, indent=2, default=str), "```", ""]
     try:
-        create_markdown_artifact(markdown, key=REPORT_KEY, description=f"run {summary['run_name']}: {path}")
+        create_markdown_artifact("\n".join(lines), key=REPORT_KEY, description=f"run {summary['run_name']}: {path}")
     except Exception as exc:  # the run's outcome is in the store; a report that cannot be sent must not change it
         logger.warning("could not publish the report artifact: %s: %s", type(exc).__name__, exc)
+
+
+def _brief(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

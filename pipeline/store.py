@@ -40,7 +40,11 @@ T = TypeVar("T")
 
 
 class StoreError(BadInputError):
-    """The store cannot be reached, read or written."""
+    """The store is misconfigured (bad URI, unknown credentials block): the user must fix the config."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store stopped answering mid-operation, after bounded retries."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def retrying(what: str, call: Callable[[], T], attempts: int = 3, wait: float = 
             if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
                 raise
             if attempt == attempts:
-                raise StoreError(f"{what} failed after {attempts} attempts: {type(exc).__name__}: "
+                raise StoreUnavailable(f"{what} failed after {attempts} attempts: {type(exc).__name__}: "
                                  f"{str(exc)[:300]}. Check that the store is reachable and retry") from exc
             logger.warning("%s failed (%s), retry %d/%d in %.0f s", what, type(exc).__name__, attempt, attempts - 1, wait)
             time.sleep(wait)
@@ -162,7 +166,7 @@ def check_store(store: Store) -> list[str]:
                 "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or store.credentials_block"]
     except FileNotFoundError as exc:
         return [f"store {store.uri!r}: bucket not found ({str(exc)[:200]}); create it or fix store.uri"]
-    except StoreError as exc:
+    except StoreUnavailable as exc:
         return [f"store {store.uri!r} is unreachable: {exc}"]
     except Exception as exc:  # botocore raises its own types for DNS, TLS, signature problems
         return [f"store {store.uri!r} cannot be written: {type(exc).__name__}: {str(exc)[:200]}"]
