@@ -2,8 +2,6 @@
 credentials kept out of everything written. No mocks of the store."""
 
 import json
-import os
-import shutil
 import time
 
 import pytest

@@ -1,0 +1,68 @@
+"""Rerun cost: a first run into an empty store, then the same command again (every stage reused), side by side.
+
+    .venv/bin/python benchmarks/rerun.py [--config conf/default.yaml] [--repeats 3] [--set key=value]...
+
+Prints first-run and rerun wall times (median of --repeats pairs, each pair in a fresh store and cache) and their
+ratio, and writes benchmarks/rerun.json. The issue's target: a rerun under 25% of the first run's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("benchmarks.rerun")
+
+
+def timed_run(config: str, store: Path, cache: Path, overrides: list[str]) -> tuple[float, dict]:
+    args = [sys.executable, "-m", "flows.finetune_then_quantize", "--config", config, "--store", str(store)]
+    for override in overrides:
+        args += ["--set", override]
+    start = time.perf_counter()
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FTQ_CACHE_DIR": str(cache)})
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"run failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    summary = Path(result.stdout.strip().splitlines()[-1].removeprefix("run summary: "))
+    return seconds, json.loads(summary.read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="conf/default.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "rerun.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    pairs = []
+    for i in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            store, cache = Path(tmp) / "store", Path(tmp) / "cache"
+            first, _ = timed_run(args.config, store, cache, args.overrides)
+            again, run = timed_run(args.config, store, cache, args.overrides)
+            reused = all(stage["reused"] for stage in run["stages"].values())
+            pairs.append({"first_s": round(first, 2), "rerun_s": round(again, 2), "all_reused": reused})
+            logger.info("pair %d: first %.1f s, rerun %.1f s (%.0f%%), every stage reused: %s",
+                        i + 1, first, again, 100 * again / first, reused)
+    first = statistics.median(p["first_s"] for p in pairs)
+    again = statistics.median(p["rerun_s"] for p in pairs)
+    result = {"config": args.config, "overrides": args.overrides, "pairs": pairs, "median_first_s": first,
+              "median_rerun_s": again, "ratio": round(again / first, 3)}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| config | first run (s) | rerun (s) | rerun / first |\n| --- | --- | --- | --- |\n"
+          f"| {args.config} {' '.join(args.overrides)} | {first:.1f} | {again:.1f} | {100 * again / first:.0f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
