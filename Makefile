@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test clean
+.PHONY: install system-deps run test clean
 
 install: $(STAMP)
 
@@ -19,6 +19,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip check
 	touch $(STAMP)
+
+# Debian packages the operations tests use (tests/test_operations.py): a PostgreSQL server for Prefect's database
+# and headless Chromium + ChromeDriver for the UI check. Idempotent: installs only what is missing. Needs root
+# (or sudo) and apt-get; elsewhere it says so and the tests that need a missing package skip with the reason.
+SYSTEM_DEPS := postgresql chromium chromium-driver
+
+system-deps:
+	@missing=$$(for p in $(SYSTEM_DEPS); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "system-deps: $(SYSTEM_DEPS) already installed"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "system-deps: no apt-get; install $$missing by hand"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
+	else echo "system-deps: not root and no sudo; install $$missing by hand"; exit 0; fi; \
+	echo "system-deps: installing $$missing"; \
+	$$sudo apt-get -o Acquire::Retries=3 update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 install -y -qq --no-install-recommends $$missing
 
 run: install
 	$(PY) -m flows.finetune_then_quantize --config $(CONFIG)

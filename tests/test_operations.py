@@ -48,20 +48,19 @@ def postgres_bin_dir() -> Path | None:
 def postgres_cluster() -> Iterator[str | None]:
     """A throwaway PostgreSQL cluster on a free loopback port; yields Prefect's database URL, or None if the server
     binaries (or, as root, the `postgres` user that initdb must run as) are missing."""
-    bin_dir = postgres_bin_dir()
-    run_as: dict = {}
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+    bin_dir, owner = postgres_bin_dir(), None
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root: run them as Debian's `postgres` user
         try:
-            user = pwd.getpwnam("postgres")
+            owner = pwd.getpwnam("postgres")
         except KeyError:
-            user = None
-        run_as = dict(user="postgres", group=user.pw_gid, extra_groups=[]) if user else {}
-    if bin_dir is None or (os.geteuid() == 0 and not run_as):
+            bin_dir = None
+    if bin_dir is None:
         yield None
         return
+    run_as = dict(user=owner.pw_uid, group=owner.pw_gid, extra_groups=[]) if owner else {}
     root = Path(tempfile.mkdtemp(prefix="ftq-pg-"))
-    if run_as:
-        os.chown(root, pwd.getpwnam("postgres").pw_uid, run_as["group"])
+    if owner:
+        os.chown(root, owner.pw_uid, owner.pw_gid)
     port = free_port()
     proc = None
     try:
@@ -261,8 +260,9 @@ def test_run_triggered_like_the_ui_completes_with_report_artifact_and_store(stac
     with api(stack) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
-    assert all(GPU_TAG in t.tags and t.state.is_completed() for t in tasks)  # what the concurrency limit counts
+    stage_tasks = [t for t in tasks if t.name.rsplit("-", 1)[0] in STAGES]
+    assert sorted(t.name.rsplit("-", 1)[0] for t in stage_tasks) == sorted(STAGES)
+    assert all(GPU_TAG in t.tags and t.state.is_completed() for t in stage_tasks)  # what the concurrency limit counts
     [report] = artifacts
     assert (report.key, report.type) == (REPORT_KEY, "markdown")
     assert report.description == f"run from-ui: {run_dir / 'run.json'}"
@@ -349,8 +349,9 @@ def test_gpu_tag_limit_keeps_two_simultaneous_runs_off_the_gpu_at_the_same_time(
     # The two flow runs were running at the same time ...
     assert max(run.start_time for run in runs) < min(run.end_time for run in runs)
     # ... yet no two stages (task runs tagged `gpu`) ever overlapped: each started after the previous one ended.
-    assert len(tasks) == 6 and all(GPU_TAG in t.tags for t in tasks)
-    ordered = sorted(tasks, key=lambda t: t.start_time)
+    on_gpu = [t for t in tasks if GPU_TAG in t.tags]
+    assert sorted(t.name.rsplit("-", 1)[0] for t in on_gpu) == sorted(STAGES * 2)
+    ordered = sorted(on_gpu, key=lambda t: t.start_time)
     for earlier, later in zip(ordered, ordered[1:]):
         assert earlier.end_time <= later.start_time, f"{earlier.name} and {later.name} ran at once"
     assert limit.active_slots == []
