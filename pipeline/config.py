@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-RESERVED_NAMES = {"index"}  # <store>/index/ holds the stage index
+RESERVED_NAMES = {"index", "latest.json"}  # the stage index and the latest release pointer
 
 
 class _Section(BaseModel):
@@ -29,6 +29,9 @@ class ModelConfig(_Section):
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(default=False, description="Run the model repo's own Python code (auto_map).")
     allow_pickle: bool = Field(default=False, description="Load .bin/.pt weights (pickle can run code) if no safetensors.")
+    dequantize_gguf: bool = Field(
+        default=False, description="Accept a .gguf base by dequantizing it to full precision (quality stays bounded "
+                                   "by the GGUF's quantization); otherwise a GGUF is refused like any quantized base.")
 
 
 class DataConfig(_Section):
@@ -106,6 +109,24 @@ class QuantizationConfig(_Section):
         return value
 
 
+class EvaluateConfig(_Section):
+    max_samples: int = Field(default=200, ge=1, description="Eval rows scored per model (bounds the stage's time).")
+    max_new_tokens: int = Field(default=24, ge=1, description="Greedy tokens generated per answer for exact match.")
+    batch_size: int = Field(default=16, ge=1)
+    samples_shown: int = Field(default=5, ge=0, description="Generations shown side by side in the report.")
+    rtn_baseline: bool = Field(default=True, description="Also score round-to-nearest int4 (same bits/group_size).")
+
+
+class GateConfig(_Section):
+    """A run whose quantized model misses a threshold ends failed and is not released; null disables a check."""
+
+    max_ppl_increase: float | None = Field(
+        default=0.25, ge=0, description="Largest allowed relative perplexity increase of GPTQ over the merged model.")
+    min_gain_kept: float | None = Field(
+        default=0.9, ge=0, description="Share of the fine-tune's exact-match gain (merged - base) GPTQ must keep.")
+    min_exact_match: float | None = Field(default=None, ge=0, le=100, description="Least GPTQ exact match, percent.")
+
+
 class StoreConfig(_Section):
     uri: str = Field(default="./artifacts", description="Local path or s3://bucket/prefix; stages go to <uri>/<run_name>/<stage>/.")
     credentials_block: str | None = Field(
@@ -120,6 +141,8 @@ class PipelineConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     merge: MergeConfig = MergeConfig()
     quantization: QuantizationConfig = QuantizationConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
     store: StoreConfig = StoreConfig()
 
     @field_validator("run_name")

@@ -33,9 +33,13 @@ class Splits:
 
 
 def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local JSONL/JSON/CSV/parquet file, a local dataset folder, or a hub dataset id."""
+    """Rows of a `builtin:` dataset, a local JSONL/JSON/CSV/parquet file, a local dataset folder, or a hub id."""
     import datasets
 
+    from pipeline.builtin_data import BUILTIN_DATASETS
+
+    if source in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[source]()
     path = Path(source)
     if path.suffix.lower() in FILE_BUILDERS:
         if not path.is_file():

@@ -14,6 +14,7 @@ from pipeline.base_model import (ModelSourceError, list_model_files, read_model_
 from pipeline.config import PipelineConfig
 from pipeline.data import DataError, load_rows, load_splits
 from pipeline.errors import PreflightError
+from pipeline.gguf_base import is_gguf
 from pipeline.store import StoreError, check_store, open_store
 
 logger = logging.getLogger(__name__)
@@ -29,14 +30,19 @@ def preflight(cfg: PipelineConfig) -> None:
     except StoreError as exc:
         problems.append(str(exc))
     model_config = None
-    try:
-        model_config = read_model_config(cfg.model.name_or_path, cfg.model.revision)
-    except ModelSourceError as exc:
-        problems.append(str(exc))
+    gguf_refused = is_gguf(cfg.model.name_or_path) and not cfg.model.dequantize_gguf
+    if gguf_refused:
+        problems.append(refuse_gguf(cfg.model.name_or_path))
+    else:
+        try:
+            model_config = read_model_config(cfg.model.name_or_path, cfg.model.revision)
+        except ModelSourceError as exc:
+            problems.append(str(exc))
     if model_config is not None:
         problems += check_not_quantized(cfg.model.name_or_path, model_config)
         problems += check_remote_code(cfg.model.name_or_path, model_config, cfg.model.trust_remote_code)
-        problems += check_weights_format(cfg)
+        if not is_gguf(cfg.model.name_or_path):
+            problems += check_weights_format(cfg)
     problems += check_data(cfg, check_template=model_config is not None)
     if model_config is not None and "quantization_config" not in model_config:
         problems += check_layers(model_config, cfg)
@@ -74,6 +80,12 @@ def check_not_quantized(name_or_path: str, model_config: dict) -> list[str]:
             "It cannot be fine-tuned and then quantized again: QLoRA on it fails (the 'BitsAndBytesConfig' error), "
             "and a LoRA adapter cannot be merged into integer weights. Quantization is not reversible; the pipeline "
             f"fine-tunes the full-precision base, merges, then quantizes. Instead, {instead}"]
+
+
+def refuse_gguf(name_or_path: str) -> str:
+    return (f"base model {name_or_path!r} is a GGUF file: already quantized (llama.cpp format), so it cannot be "
+            "fine-tuned and quantized again as is. Give the unquantized model, or set model.dequantize_gguf=true to "
+            "dequantize it to full precision once (the base's quality then stays bounded by the GGUF's quantization)")
 
 
 def check_remote_code(name_or_path: str, model_config: dict, trusted: bool) -> list[str]:

@@ -223,9 +223,9 @@ def read_json(store: Store, path: str) -> dict[str, Any] | None:
     return json.loads(raw)
 
 
-def write_json(store: Store, path: str, payload: dict[str, Any]) -> None:
+def write_json(store: Store, path: str, payload: dict[str, Any], sort_keys: bool = True) -> None:
     """Write JSON in one step: a local rename, or one PUT (atomic on object stores)."""
-    data = (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode()
+    data = (json.dumps(payload, indent=2, sort_keys=sort_keys, default=str) + "\n").encode()
     if store.is_local:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path):
     assert path == tmp_path / "e2e" / "run.json"
     run = json.loads(path.read_text())
     assert run["status"] == "completed"
-    assert list(run["stages"]) == ["finetune", "merge", "quantize"]
+    assert list(run["stages"]) == ["finetune", "merge", "quantize", "evaluate", "release"]
     for name, stage in run["stages"].items():
         assert stage["reused"] is False and stage["seconds"] > 0
         assert Path(stage["uri"]) == tmp_path / "e2e" / name and (Path(stage["uri"]) / "manifest.json").is_file()
@@ -39,7 +39,8 @@ def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path):
 
     forced = json.loads(Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e",
                                                     force=["quantize"])).read_text())
-    assert [forced["stages"][s]["reused"] for s in ("finetune", "merge", "quantize")] == [True, True, False]
+    assert [forced["stages"][s]["reused"] for s in ("finetune", "merge", "quantize", "evaluate")] == \
+        [True, True, False, False]
 
 
 def test_cli_smoke_writes_gptq_checkpoint_and_ends_with_run_summary(tmp_path):
@@ -48,7 +49,7 @@ def test_cli_smoke_writes_gptq_checkpoint_and_ends_with_run_summary(tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     assert last == f"run summary: {tmp_path / 'smoke' / 'run.json'}"
     run = json.loads((tmp_path / "smoke" / "run.json").read_text())
-    assert run["status"] == "completed" and set(run["stages"]) == {"finetune", "merge", "quantize"}
+    assert run["status"] == "completed" and set(run["stages"]) >= {"finetune", "merge", "quantize", "evaluate"}
     qc = json.loads((tmp_path / "smoke" / "quantize" / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"]) == ("gptq", "gptq", 4)
     assert "eval loss" in result.stderr and "steps/s, ETA" in result.stderr
@@ -65,3 +66,31 @@ def test_cli_failure_exits_1_keeps_finished_stages_and_records_the_error(tmp_pat
     assert (tmp_path / "smoke" / "finetune" / "manifest.json").is_file()
     assert not (tmp_path / "smoke" / "merge").exists()
     assert not list((tmp_path / "smoke").glob(".merge.partial-*"))
+
+
+def test_report_metrics_model_card_and_latest_pointer(tmp_path):
+    result = run_cli("--config", "smoke", "--store", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "smoke" / "run.json").read_text())
+    metrics = json.loads(Path(run["metrics_uri"]).read_text())
+    assert set(metrics["models"]) == {"base", "merged", "rtn", "gptq"}
+    for scores in metrics["models"].values():
+        assert scores["perplexity"] > 1 and 0 <= scores["exact_match"] <= 100
+    assert metrics["models"]["merged"]["perplexity"] < metrics["models"]["base"]["perplexity"]
+    evaluate = tmp_path / "smoke" / "evaluate"
+    assert (evaluate / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| gptq |" in (evaluate / "report.md").read_text()
+    release = tmp_path / "smoke" / "release"
+    card = (release / "README.md").read_text()
+    assert card.startswith("---\nbase_model: builtin:tiny-qwen2\n") and "checkpoint_format: gptq" in card
+    assert json.loads((tmp_path / "latest.json").read_text())["uri"] == str(release)
+
+    # Impossibly tight: the run fails, its model is not released, latest.json still names the good run.
+    tight = run_cli("--config", "smoke", "--store", str(tmp_path), "--run-name", "tight",
+                    "--set", "gate.min_exact_match=100", "--set", "gate.max_ppl_increase=0")
+    assert tight.returncode == 1
+    assert "failed the quality gate" in tight.stderr and "below gate.min_exact_match 100.0%" in tight.stderr
+    failed = json.loads((tmp_path / "tight" / "run.json").read_text())
+    assert failed["status"] == "failed" and "QualityGateError" in failed["error"]
+    assert "release" not in failed["stages"] and not (tmp_path / "tight" / "release").exists()
+    assert json.loads((tmp_path / "latest.json").read_text())["uri"] == str(release)

@@ -153,3 +153,13 @@ def test_unknown_lora_target_is_refused(tmp_path):
 def test_good_config_passes(tmp_path):
     preflight(load_config("smoke", store=str(tmp_path / "s")))
     assert not (tmp_path / "s").exists()
+
+
+def test_gguf_base_is_refused_unless_dequantizing_is_allowed(tmp_path):
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    cfg = load_config("smoke", [f"model.name_or_path={gguf}"], store=str(tmp_path / "s"))
+    with pytest.raises(PreflightError) as err:
+        preflight(cfg)
+    [problem] = err.value.problems
+    assert "is a GGUF file: already quantized" in problem and "model.dequantize_gguf=true" in problem

@@ -1,0 +1,40 @@
+"""The quality gate: the quantized model must keep the fine-tune's gain, or the run fails and nothing is released."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import GateConfig
+
+
+class QualityGateError(RuntimeError):
+    """The quantized model missed a threshold; each figure and its threshold are in the message."""
+
+
+def check_gate(models: dict[str, dict[str, Any]], gate: GateConfig) -> list[str]:
+    """Every threshold the GPTQ model misses, as `figure (threshold)` sentences; empty when it passes."""
+    failures = []
+    merged, gptq, base = models["merged"], models["gptq"], models.get("base", {})
+    if gate.max_ppl_increase is not None:
+        increase = gptq["perplexity"] / merged["perplexity"] - 1
+        if increase > gate.max_ppl_increase:
+            failures.append(f"GPTQ perplexity {gptq['perplexity']:.3f} is {increase:+.1%} over the merged model's "
+                            f"{merged['perplexity']:.3f} (gate.max_ppl_increase allows {gate.max_ppl_increase:+.1%})")
+    has_em = all(m.get("exact_match") is not None for m in (base, merged, gptq))
+    if gate.min_gain_kept is not None and has_em:
+        gain = merged["exact_match"] - base["exact_match"]
+        if gain <= 0:
+            failures.append(f"the fine-tune did not raise exact match (base {base['exact_match']:.1f}%, merged "
+                            f"{merged['exact_match']:.1f}%), so there is no gain for GPTQ to keep "
+                            f"(gate.min_gain_kept {gate.min_gain_kept:.0%})")
+        else:
+            kept = (gptq["exact_match"] - base["exact_match"]) / gain
+            if kept < gate.min_gain_kept:
+                failures.append(f"GPTQ keeps {kept:.0%} of the fine-tune's exact-match gain (base "
+                                f"{base['exact_match']:.1f}%, merged {merged['exact_match']:.1f}%, GPTQ "
+                                f"{gptq['exact_match']:.1f}%; gate.min_gain_kept {gate.min_gain_kept:.0%})")
+    if gate.min_exact_match is not None and gptq.get("exact_match") is not None \
+            and gptq["exact_match"] < gate.min_exact_match:
+        failures.append(f"GPTQ exact match {gptq['exact_match']:.1f}% is below gate.min_exact_match "
+                        f"{gate.min_exact_match:.1f}%")
+    return failures

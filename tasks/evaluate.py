@@ -1,0 +1,255 @@
+"""Stage 4: measure base, merged, RTN int4 and GPTQ int4 on the same held-out rows; write metrics, report, plot.
+
+Perplexity is taken on the completion tokens only (what the model was tuned to write); exact match compares a
+greedy answer with the reference. RTN (round-to-nearest, same bits and group size) shows what GPTQ bought.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from pipeline.base_model import resolve_model_dir
+from pipeline.config import DataConfig, EvaluateConfig, ModelConfig, QuantizationConfig, StoreConfig
+from pipeline.data import IGNORE_INDEX, load_splits, tokenize_example
+from pipeline.gguf_base import is_gguf
+from pipeline.stage import StageArtifact, local_copy, run_stage
+from pipeline.store import code_version, open_store
+
+logger = logging.getLogger(__name__)
+MODELS = ("base", "merged", "rtn", "gptq")
+
+
+def split_prompt(row: dict[str, Any], form: str) -> tuple[Any, str | None]:
+    """(prompt, reference answer) of an eval row; text rows have no reference."""
+    if form == "chat":
+        messages = row["messages"]
+        if messages[-1]["role"] == "assistant":
+            return messages[:-1], messages[-1]["content"]
+        return messages, None
+    if form == "prompt_completion":
+        return row["prompt"], row["completion"]
+    return row["text"], None
+
+
+def perplexity(model, examples: list[dict[str, list[int]]], batch_size: int) -> float:
+    """exp(mean negative log-likelihood) over every labelled token of `examples`."""
+    import torch
+
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        total += nll.item()
+        count += int((shift_labels != IGNORE_INDEX).sum())
+    return math.exp(total / count)
+
+
+def greedy_answers(model, tokenizer, prompts: list[Any], form: str, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations (special tokens stripped, whitespace trimmed), batched with left padding."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if form == "chat" else p
+             for p in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                     temperature=None, top_p=None, top_k=None)
+            answers += [a.strip() for a in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                                   skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def rtn_weight(weight, bits: int, group_size: int, sym: bool = True):
+    """Round-to-nearest quantize-dequantize of a [out, in] weight in groups of `group_size` input columns."""
+    import torch
+
+    out_f, in_f = weight.shape
+    groups = weight.float().reshape(out_f, -1, in_f if group_size == -1 else group_size)
+    levels = 2 ** bits - 1
+    if sym:
+        scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / (levels / 2)
+        zero = torch.full_like(scale, (levels + 1) / 2)
+    else:  # the range always holds 0, as in GPTQ's quantizer
+        low = groups.amin(dim=-1, keepdim=True).clamp(max=0)
+        high = groups.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = ((high - low) / levels).clamp(min=1e-8)
+        zero = torch.round(-low / scale)
+    q = torch.clamp(torch.round(groups / scale) + zero, 0, levels)
+    return ((q - zero) * scale).reshape(out_f, in_f).to(weight.dtype)
+
+
+def rtn_quantize_(model, bits: int, group_size: int, sym: bool = True):
+    """Replace every Linear weight but the output head by its RTN int version (in place); returns the model."""
+    import torch
+
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                module.weight.copy_(rtn_weight(module.weight, bits, group_size, sym))
+    return model
+
+
+def score_model(model, tokenizer, rows: list[dict], form: str, cfg: EvaluateConfig, max_length: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    model.eval()
+    examples = [tokenize_example(r, form, tokenizer, max_length) for r in rows]
+    result: dict[str, Any] = {"perplexity": perplexity(model, examples, cfg.batch_size)}
+    prompts, references = zip(*(split_prompt(r, form) for r in rows))
+    if all(ref is not None for ref in references):
+        answers = greedy_answers(model, tokenizer, list(prompts), form, cfg.max_new_tokens, cfg.batch_size)
+        result["exact_match"] = 100.0 * sum(a == ref.strip() for a, ref in zip(answers, references)) / len(rows)
+        result["answers"] = answers
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def evaluate_models(base_dir: Path, merged_dir: Path, gptq_dir: Path, rows: list[dict], form: str,
+                    cfg: EvaluateConfig, quant: QuantizationConfig, max_length: int) -> dict[str, dict[str, Any]]:
+    """Score the four models on the same rows, loading one at a time (fp32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    sources = {"base": base_dir, "merged": merged_dir, "rtn": merged_dir, "gptq": gptq_dir}
+    scores = {}
+    for name in MODELS:
+        if name == "rtn" and not cfg.rtn_baseline:
+            continue
+        kwargs = {} if name == "gptq" else {"dtype": torch.float32}
+        model = AutoModelForCausalLM.from_pretrained(sources[name], **kwargs)
+        if name == "rtn":
+            rtn_quantize_(model, quant.bits, quant.group_size, quant.sym)
+        scores[name] = score_model(model, tokenizer, rows, form, cfg, max_length)
+        logger.info("%s: perplexity %.3f%s (%.0f s)", name, scores[name]["perplexity"],
+                    f", exact match {scores[name]['exact_match']:.1f}%" if "exact_match" in scores[name] else "",
+                    scores[name]["seconds"])
+        del model
+    return scores
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def write_report(out_dir: Path, scores: dict, rows: list[dict], form: str, sizes: dict[str, int], notes: list[str],
+                 cfg: EvaluateConfig, training_log: list[dict]) -> dict[str, Any]:
+    """metrics.json, report.md and training_loss.png in out_dir; returns the metrics."""
+    models = {name: {k: v for k, v in s.items() if k != "answers"} | {"size_bytes": sizes.get(name)}
+              for name, s in scores.items()}
+    samples = []
+    for i, row in enumerate(rows[: cfg.samples_shown]):
+        prompt, reference = split_prompt(row, form)
+        shown = prompt[-1]["content"] if form == "chat" else prompt
+        samples.append({"prompt": shown, "reference": reference,
+                        **{name: s["answers"][i] for name, s in scores.items() if "answers" in s}})
+    metrics = {"models": models, "eval_rows": len(rows), "notes": notes, "samples": samples}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_loss(training_log, out_dir / "training_loss.png")
+    (out_dir / "report.md").write_text(render_report(metrics))
+    return metrics
+
+
+def metrics_table(models: dict[str, dict]) -> str:
+    lines = ["| model | perplexity | exact match | size on disk | seconds |", "| --- | --- | --- | --- | --- |"]
+    for name, m in models.items():
+        em = f"{m['exact_match']:.1f}%" if m.get("exact_match") is not None else "–"
+        size = f"{m['size_bytes'] / 2**20:.1f} MiB" if m.get("size_bytes") else "–"
+        lines.append(f"| {name} | {m['perplexity']:.3f} | {em} | {size} | {m['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def render_report(metrics: dict) -> str:
+    parts = [f"# Evaluation on {metrics['eval_rows']} held-out rows", "", metrics_table(metrics["models"]), ""]
+    parts += [f"> {note}" for note in metrics["notes"]] + [""]
+    if metrics["samples"]:
+        names = [k for k in metrics["samples"][0] if k not in ("prompt", "reference")]
+        parts += ["## Samples", "", "| prompt | reference | " + " | ".join(names) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for s in metrics["samples"]:
+            cells = [s["prompt"], s["reference"]] + [s[n] for n in names]
+            parts.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    parts += ["", "Training loss: `training_loss.png`", ""]
+    return "\n".join(parts)
+
+
+def plot_loss(training_log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    points = [(e["step"], e["loss"]) for e in training_log if "loss" in e]
+    if points:
+        ax.plot(*zip(*points), marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA fine-tune")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate_stage(model: ModelConfig, data: DataConfig, evaluate: EvaluateConfig, quant: QuantizationConfig,
+                   adapter: StageArtifact, merged: StageArtifact, quantized: StageArtifact, store_cfg: StoreConfig,
+                   run_name: str, force: bool = False) -> StageArtifact:
+    """Evaluate into `<store>/<run_name>/evaluate/`, or reuse an evaluation of the same models with the same config."""
+    import sys
+
+    store = open_store(store_cfg.uri, store_cfg.credentials_block)
+    determinants = {"evaluate": evaluate.model_dump(), "rtn": {"bits": quant.bits, "group_size": quant.group_size,
+                    "sym": quant.sym}, "data": data.model_dump(), "code": code_version(sys.modules[__name__])}
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        splits = load_splits(data)
+        rows = splits.eval[: evaluate.max_samples]
+        dirs = {"base": resolve_model_dir(model.name_or_path, model.revision),
+                "merged": local_copy(store, merged), "gptq": local_copy(store, quantized)}
+        scores = evaluate_models(dirs["base"], dirs["merged"], dirs["gptq"], rows, splits.form, evaluate, quant,
+                                 data.max_length)
+        sizes = {"base": folder_bytes(dirs["base"]), "merged": folder_bytes(dirs["merged"]),
+                 "gptq": folder_bytes(dirs["gptq"])}
+        notes = []
+        if is_gguf(model.name_or_path):
+            source = json.loads((dirs["base"] / "DEQUANTIZED_FROM.json").read_text())
+            notes.append(f"The base was dequantized from a GGUF ({source['gguf']}, {source['quantization']}): its "
+                         f"quality, and so every model's here, is bounded by that quantization.")
+        training_log = json.loads((local_copy(store, adapter) / "training_log.json").read_text())
+        return write_report(out_dir, scores, rows, splits.form, sizes, notes, evaluate, training_log)
+
+    return run_stage(store, run_name, "evaluate", determinants, build,
+                     inputs={"adapter": adapter, "merged": merged, "quantized": quantized}, force=force)
+
+
+@task(name="evaluate")
+def evaluate(model: ModelConfig, data: DataConfig, evaluate_cfg: EvaluateConfig, quant: QuantizationConfig,
+             adapter: StageArtifact, merged: StageArtifact, quantized: StageArtifact, store: StoreConfig,
+             run_name: str, force: bool = False) -> StageArtifact:
+    return evaluate_stage(model, data, evaluate_cfg, quant, adapter, merged, quantized, store, run_name, force)

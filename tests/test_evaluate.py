@@ -1,0 +1,101 @@
+"""Evaluation code on the tiny model, checked against hand computations; the quality gate's verdicts."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import DataConfig, EvaluateConfig, GateConfig
+from pipeline.data import load_splits, tokenize_example
+from pipeline.gate import check_gate
+from tasks.evaluate import greedy_answers, perplexity, rtn_quantize_, rtn_weight, score_model, split_prompt
+
+
+def test_rtn_of_a_group_equals_the_hand_computation():
+    # 4-bit symmetric, one group of 4: scale = max|w| / 7.5 = 0.2, zero point 8, q = clamp(round(w/scale) + 8, 0, 15)
+    # w/scale = [1.25, -5, 7.5, 0.5] -> round (half to even) [1, -5, 8, 0] -> q [9, 3, 15 (clamped 16), 8]
+    weight = torch.tensor([[0.25, -1.0, 1.5, 0.1]])
+    assert torch.allclose(rtn_weight(weight, bits=4, group_size=4), torch.tensor([[0.2, -1.0, 1.4, 0.0]]))
+
+
+def test_rtn_groups_are_independent_and_asymmetric_uses_min_max():
+    weight = torch.tensor([[0.0, 1.5, 3.0, 0.7, 10.0, 20.0, 30.0, 15.0]])
+    # levels 0..3 over [min(w, 0), max(w, 0)]: group 1 scale 1, group 2 scale 10, zero point 0 for both;
+    # round half to even: 1.5 -> 2, 0.7 -> 1; 1.5 (15 / 10) -> 2
+    out = rtn_weight(weight, bits=2, group_size=4, sym=False)
+    assert torch.allclose(out, torch.tensor([[0.0, 2.0, 3.0, 1.0, 10.0, 20.0, 30.0, 20.0]]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_base).eval(), AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def smoke_eval():
+    splits = load_splits(DataConfig(path="data/smoke_chat.jsonl"))
+    return splits.eval[:6], splits.form
+
+
+def test_perplexity_is_exp_of_mean_nll_on_completion_tokens(tiny, smoke_eval):
+    model, tokenizer = tiny
+    rows, form = smoke_eval
+    examples = [tokenize_example(r, form, tokenizer, 128) for r in rows]
+    nll, count = 0.0, 0
+    for e in examples:  # one at a time, by hand
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([e["input_ids"]])).logits[0].float(), dim=-1)
+        for pos in range(1, len(e["labels"])):
+            if e["labels"][pos] != -100:
+                nll -= logp[pos - 1, e["labels"][pos]].item()
+                count += 1
+    assert perplexity(model, examples, batch_size=4) == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_exact_match_of_a_model_on_its_own_outputs_is_100(tiny, smoke_eval):
+    model, tokenizer = tiny
+    rows, form = smoke_eval
+    prompts = [split_prompt(r, form)[0] for r in rows]
+    own = greedy_answers(model, tokenizer, prompts, form, max_new_tokens=6, batch_size=4)
+    relabelled = [{"messages": p + [{"role": "assistant", "content": a}]} for p, a in zip(prompts, own)]
+    result = score_model(model, tokenizer, relabelled, form, EvaluateConfig(max_new_tokens=6, batch_size=3), 128)
+    assert result["exact_match"] == 100.0
+    references = [split_prompt(r, form)[1] for r in rows]
+    assert score_model(model, tokenizer, rows, form, EvaluateConfig(max_new_tokens=6), 128)["exact_match"] == \
+        100.0 * sum(a == r for a, r in zip(own, references)) / len(rows)
+
+
+def test_rtn_model_changes_every_linear_but_the_head(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    rtn_quantize_(model, bits=4, group_size=128)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "model.layers.0.mlp.down_proj.weight" in changed and "model.layers.1.self_attn.q_proj.weight" in changed
+    assert "model.embed_tokens.weight" not in changed and "model.norm.weight" not in changed
+
+
+MODELS = {"base": {"perplexity": 10.0, "exact_match": 10.0}, "merged": {"perplexity": 5.0, "exact_match": 90.0},
+          "gptq": {"perplexity": 5.5, "exact_match": 86.0}}
+
+
+def test_gate_passes_a_model_that_kept_its_gain():
+    assert check_gate(MODELS, GateConfig(max_ppl_increase=0.25, min_gain_kept=0.9)) == []
+
+
+def test_gate_names_each_figure_and_threshold_it_misses():
+    failures = check_gate(MODELS, GateConfig(max_ppl_increase=0.05, min_gain_kept=0.99, min_exact_match=95))
+    assert len(failures) == 3
+    assert "GPTQ perplexity 5.500 is +10.0% over the merged model's 5.000 (gate.max_ppl_increase allows +5.0%)" \
+        in failures[0]
+    assert "GPTQ keeps 95% of the fine-tune's exact-match gain" in failures[1] and "min_gain_kept 99%" in failures[1]
+    assert "GPTQ exact match 86.0% is below gate.min_exact_match 95.0%" in failures[2]
+
+
+def test_gate_fails_when_the_fine_tune_gained_nothing():
+    flat = {**MODELS, "merged": {"perplexity": 5.0, "exact_match": 10.0}}
+    [failure] = check_gate(flat, GateConfig(max_ppl_increase=None, min_gain_kept=0.9))
+    assert "did not raise exact match" in failure
