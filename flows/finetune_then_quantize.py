@@ -24,7 +24,7 @@ from pipeline.store import RUN_SUMMARY, StoreUnavailable, open_store, read_json,
 from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, metrics_table
 from tasks.release import release
 from pipeline.gate import QualityGateError, check_gate
 
@@ -121,9 +121,15 @@ def publish_report(path: str, summary: dict) -> None:
     lines += ["| stage | store URI | seconds | reused |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | `{stage['uri']}` | {stage['seconds']} | {stage['reused']} |"
               for name, stage in summary["stages"].items()]
+    if "evaluate" in summary["stages"]:
+        evaluation = summary["stages"]["evaluate"]
+        lines += ["", "## Quality", "", metrics_table(evaluation["metrics"]["models"]), "",
+                  *[f"> {note}" for note in evaluation["metrics"].get("notes", [])], "",
+                  f"Training loss plot: `{evaluation['uri']}/training_loss.png`; full report: "
+                  f"`{evaluation['uri']}/report.md`"]
     lines += ["", "## Metrics", ""]
     lines += [f"- **{name}**: " + ", ".join(f"{key} {_brief(value)}" for key, value in (stage.get("metrics") or {}).items())
-              for name, stage in summary["stages"].items()]
+              for name, stage in summary["stages"].items() if name not in ("evaluate", "release")]
     lines += ["", "## run.json", "", "```json", json.dumps(summary, indent=2, default=str), "```", ""]
     try:
         create_markdown_artifact("\n".join(lines), key=REPORT_KEY, description=f"run {summary['run_name']}: {path}")
