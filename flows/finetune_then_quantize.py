@@ -1,8 +1,9 @@
-"""The pipeline: preflight -> LoRA fine-tune -> merge -> GPTQ int4, every stage published to the store.
+"""The pipeline: preflight -> LoRA fine-tune -> merge -> GPTQ int4 -> evaluate -> quality gate -> release,
+every stage published to the store.
 
     python -m flows.finetune_then_quantize --config conf/smoke.yaml [--set key=value]... [--run-name N] [--store URI]
 
-Exit codes: 0 done, 2 bad input (nothing written), 1 any other failure (run.json records it).
+Exit codes: 0 done, 2 bad input (nothing written), 1 any other failure or a failed quality gate (run.json records it).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipeline.config import load_config
 from pipeline.errors import BadInputError
+from pipeline.gate import QualityGateError, check_gate
 from pipeline.preflight import preflight
 from pipeline.store import RUN_SUMMARY, StoreUnavailable, open_store, read_json, write_json
+from tasks.evaluate import evaluate, metrics_table
 from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
-from tasks.evaluate import evaluate, metrics_table
 from tasks.release import release
-from pipeline.gate import QualityGateError, check_gate
 
 logger = logging.getLogger(__name__)
 STAGES = ("finetune", "merge", "quantize", "evaluate")
@@ -51,7 +52,7 @@ def finetune_then_quantize(
     store: str | None = None,
     force: list[str] | None = None,
 ) -> str:
-    """Fine-tune the full-precision base with LoRA, merge the adapter, GPTQ-quantize; return run.json's path.
+    """Fine-tune the full-precision base with LoRA, merge, GPTQ-quantize, evaluate, gate, release; return run.json's path.
 
     Ends with a markdown report artifact (status, each stage's store URI, metrics, run.json) on the flow run's page.
     The Args below are the descriptions of the deployment's parameter form in the Prefect UI.

@@ -123,7 +123,8 @@ class GateConfig(_Section):
     max_ppl_increase: float | None = Field(
         default=0.25, ge=0, description="Largest allowed relative perplexity increase of GPTQ over the merged model.")
     min_gain_kept: float | None = Field(
-        default=0.9, ge=0, description="Share of the fine-tune's exact-match gain (merged - base) GPTQ must keep.")
+        default=None, ge=0, description="Share of the fine-tune's exact-match gain (merged - base) GPTQ must keep; "
+                                        "for data whose answers can be checked exactly.")
     min_exact_match: float | None = Field(default=None, ge=0, le=100, description="Least GPTQ exact match, percent.")
 
 
