@@ -25,7 +25,7 @@ import pytest
 
 from flows.finetune_then_quantize import GPU_TAG, REPORT_KEY, STAGES
 from tests.conftest import ROOT
-from tests.test_serve import BIN, free_port, stop
+from tests.processes import BIN, free_port, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "finetune-then-quantize/nightly"  # from prefect.yaml
@@ -104,20 +104,6 @@ def prefect_cli(*args: str, env: dict, timeout: int = 180) -> str:
     assert result.returncode == 0, f"prefect {' '.join(args)} exited {result.returncode}:\n" \
                                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, seconds: int = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"prefect server did not become healthy in {seconds} s"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
