@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import cache_root
 from pipeline.errors import BadInputError
 from pipeline.gguf_base import dequantize_gguf, fetch_gguf, gguf_metadata, is_gguf
 from pipeline.tiny_model import TINY_QWEN2, build_tiny_qwen2
@@ -26,11 +26,6 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktok
 
 class ModelSourceError(BadInputError):
     """The base model cannot be found or read."""
-
-
-def cache_root() -> Path:
-    """Where built-in and downloaded bases are cached (not the store): $FTQ_CACHE_DIR or ~/.cache/finetune-then-quantize."""
-    return Path(os.environ.get("FTQ_CACHE_DIR", Path.home() / ".cache" / "finetune-then-quantize"))
 
 
 def unquantized_name(name_or_path: str) -> str | None:

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import cache_root
 from pipeline.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ def is_gguf(name_or_path: str) -> bool:
 
 
 def _cache() -> Path:
-    from pipeline.base_model import cache_root
-
     return cache_root() / "gguf"
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.cache import cache_root
 from pipeline.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -281,9 +282,7 @@ def materialize(store: Store, stage_path: str, manifest: dict[str, Any]) -> Path
         if problem := verify_local(folder, manifest):
             raise StageCorrupt(problem)
         return folder
-    from pipeline.base_model import cache_root
-
-    cached = cache_root() / "stages" / f"{manifest['stage']}-{manifest['key'][:32]}"
+    cached = _local_cache_of(manifest)
     if (cached / MANIFEST).is_file() and json.loads((cached / MANIFEST).read_text()) == manifest \
             and verify_local(cached, manifest) is None:
         return cached
@@ -304,6 +303,11 @@ def materialize(store: Store, stage_path: str, manifest: dict[str, Any]) -> Path
     return cached
 
 
+def _local_cache_of(manifest: dict[str, Any]) -> Path:
+    """Where this machine keeps its verified copy of a remote stage."""
+    return cache_root() / "stages" / f"{manifest['stage']}-{manifest['key'][:32]}"
+
+
 def new_scratch(store: Store, stage_path: str) -> Path:
     """A fresh local folder to build a stage in: beside the stage for a local store (so publishing is one
     rename), in the local cache for a remote one."""
@@ -311,8 +315,6 @@ def new_scratch(store: Store, stage_path: str) -> Path:
         target = Path(stage_path)
         scratch = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     else:
-        from pipeline.base_model import cache_root
-
         scratch = cache_root() / "scratch" / uuid.uuid4().hex
     scratch.mkdir(parents=True)
     return scratch
@@ -341,10 +343,8 @@ def publish(store: Store, scratch: Path, stage_path: str, manifest: dict[str, An
             retrying(f"uploading {rel}", lambda rel=rel: store.fs.put_file(str(scratch / rel), f"{stage_path}/{rel}"))
         write_json(store, f"{stage_path}/{MANIFEST}", manifest)
         # Keep the built copy as the local cache of this key, so the next stage does not download it again.
-        from pipeline.base_model import cache_root
-
         (scratch / MANIFEST).write_text(json.dumps(manifest))
-        cached = cache_root() / "stages" / f"{manifest['stage']}-{manifest['key'][:32]}"
+        cached = _local_cache_of(manifest)
         shutil.rmtree(cached, ignore_errors=True)
         cached.parent.mkdir(parents=True, exist_ok=True)
         scratch.rename(cached)

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import task
 
 import pipeline.data
+from pipeline.cache import cache_root
 from pipeline.base_model import resolve_model_dir
 from pipeline.checkpoints import CheckpointSync, restore_latest
 from pipeline.config import DataConfig, LoraConfig, ModelConfig, StoreConfig, TrainingConfig
@@ -134,8 +135,6 @@ def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, train
     """Fine-tune into `<store>/<run_name>/finetune/`, or reuse a stage built from the same base files, data,
     config and code. Checkpoints live in `<store>/<run_name>/.work/` until the adapter is published."""
     import sys
-
-    from pipeline.base_model import cache_root
 
     store = open_store(store_cfg.uri, store_cfg.credentials_block)
     base_dir = resolve_model_dir(model.name_or_path, model.revision)
