@@ -99,3 +99,22 @@ def test_gate_fails_when_the_fine_tune_gained_nothing():
     flat = {**MODELS, "merged": {"perplexity": 5.0, "exact_match": 10.0}}
     [failure] = check_gate(flat, GateConfig(max_ppl_increase=None, min_gain_kept=0.9))
     assert "did not raise exact match" in failure
+
+
+@pytest.mark.slow
+def test_quality_benchmark_script_runs_on_the_smoke_job(tmp_path):
+    """benchmarks/quality.py, the same code path as on the default job, on the tiny one (so it cannot rot)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "quality.json"
+    result = subprocess.run([sys.executable, "benchmarks/quality.py", "--config", "smoke", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| gptq |" in result.stdout and "| rtn |" in result.stdout
+    summary = json.loads(out.read_text())
+    assert set(summary["models"]) == {"base", "merged", "rtn", "gptq"}
+    assert summary["median_wall_seconds"] > 0 and "quantize" in summary["stage_seconds"]
