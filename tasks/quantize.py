@@ -49,7 +49,8 @@ def calibration_texts(rows: list[dict], form: str, tokenizer, max_length: int) -
 
 def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[str]) -> dict[str, Any]:
     """GPTQ-quantize `merged_dir` on `calibration` and write a GPTQ v1 checkpoint to `out_dir`."""
-    # gptqmodel sizes its CPU worker pools from the core count and fails on <= 2 cores without this (KNOWLEDGE.md).
+    # gptqmodel 7.6.0 sizes its CPU worker pools from the core count and, on <= 2 cores, fails with "Virtual pool
+    # 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1" unless this is set.
     if (os.cpu_count() or 1) <= 2:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
