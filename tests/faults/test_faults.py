@@ -206,7 +206,7 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(case, tiny_base, tmp_
     assert not store.exists()
 
 
-def test_pickle_and_remote_code_pass_preflight_when_allowed(tiny_base, tmp_path):
+def test_pickle_weights_pass_preflight_when_allowed(tiny_base, tmp_path):
     from pipeline.config import load_config
     from pipeline.preflight import preflight
 
