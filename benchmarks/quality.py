@@ -12,27 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def run_pipeline(config: str, store: Path, overrides: list[str]) -> tuple[float, dict, dict]:
-    args = [sys.executable, "-m", "flows.finetune_then_quantize", "--config", config, "--store", str(store)]
-    for override in overrides:
-        args += ["--set", override]
-    start = time.perf_counter()
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"the pipeline failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    run = json.loads(Path(result.stdout.strip().splitlines()[-1].removeprefix("run summary: ")).read_text())
-    return seconds, run, json.loads(Path(run["metrics_uri"]).read_text())
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from pipeline_run import timed_run  # noqa: E402
 
 
 def main() -> int:
@@ -47,7 +34,8 @@ def main() -> int:
     times, run, metrics = [], {}, {}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            seconds, run, metrics = run_pipeline(args.config, Path(tmp), args.overrides)
+            seconds, run = timed_run(args.config, Path(tmp), args.overrides)
+            metrics = json.loads(Path(run["metrics_uri"]).read_text())
             times.append(round(seconds, 1))
     models = metrics["models"]
     summary = {"config": args.config, "overrides": args.overrides, "wall_seconds": times,

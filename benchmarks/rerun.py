@@ -11,29 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from pipeline_run import timed_run  # noqa: E402
 logger = logging.getLogger("benchmarks.rerun")
-
-
-def timed_run(config: str, store: Path, cache: Path, overrides: list[str]) -> tuple[float, dict]:
-    args = [sys.executable, "-m", "flows.finetune_then_quantize", "--config", config, "--store", str(store)]
-    for override in overrides:
-        args += ["--set", override]
-    start = time.perf_counter()
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FTQ_CACHE_DIR": str(cache)})
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"run failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    summary = Path(result.stdout.strip().splitlines()[-1].removeprefix("run summary: "))
-    return seconds, json.loads(summary.read_text())
 
 
 def main() -> int:
@@ -48,8 +34,8 @@ def main() -> int:
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             store, cache = Path(tmp) / "store", Path(tmp) / "cache"
-            first, _ = timed_run(args.config, store, cache, args.overrides)
-            again, run = timed_run(args.config, store, cache, args.overrides)
+            first, _ = timed_run(args.config, store, args.overrides, cache)
+            again, run = timed_run(args.config, store, args.overrides, cache)
             reused = all(stage["reused"] for stage in run["stages"].values())
             pairs.append({"first_s": round(first, 2), "rerun_s": round(again, 2), "all_reused": reused})
             logger.info("pair %d: first %.1f s, rerun %.1f s (%.0f%%), every stage reused: %s",

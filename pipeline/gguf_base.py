@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.cache import cache_root
 from pipeline.errors import BadInputError
+from pipeline.store import sha256_file
 
 logger = logging.getLogger(__name__)
 PYPI = "pypi:"
@@ -111,14 +112,6 @@ def gguf_chat_template(path: Path) -> str | None:
 
     field = GGUFReader(path).fields.get("tokenizer.chat_template")
     return bytes(field.parts[field.data[0]]).decode() if field is not None else None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dequantize_gguf(path: Path) -> Path:
