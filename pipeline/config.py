@@ -70,6 +70,11 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(default=10, ge=1, description="Log loss, rate and ETA every N steps.")
     save_steps: int = Field(default=100, ge=1, description="Checkpoint every N steps so a rerun resumes.")
     gradient_checkpointing: bool = False
+    packing: bool = Field(default=False, description="Padding-free batches: each micro-batch's examples concatenated "
+                          "into one row, positions restarting per example, attention never crossing examples.")
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Liger kernels (fused linear cross-entropy: no full logits tensor, fused RMSNorm, "
+                                    "RoPE, SwiGLU); auto = on when CUDA is present and liger-kernel is installed.")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU.")
     qlora: bool = Field(default=False, description="Train on a 4-bit bitsandbytes copy of the base (CUDA only).")
     seed: int = 0
@@ -98,6 +103,10 @@ class QuantizationConfig(_Section):
     sym: bool = True
     damp_percent: float = Field(default=0.05, gt=0, lt=1)
     true_sequential: bool = True
+    mse: float = Field(default=0.0, ge=0, description="Clipping search for each group's scale by this error norm "
+                       "(gptqmodel `mse`, e.g. 2.4); 0 = plain min/max scales.")
+    gptaq_alpha: float | None = Field(default=None, gt=0, description="GPTAQ: also correct the error carried over "
+                                      "from already-quantized layers (gptqmodel `gptaq`), this weight; null = off.")
     calibration: CalibrationConfig = CalibrationConfig()
     smoke_prompt: str = Field(default="Hello", description="Prompt generated from after reload, as a smoke check.")
 

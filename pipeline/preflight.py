@@ -25,6 +25,7 @@ def preflight(cfg: PipelineConfig) -> None:
     """Raise PreflightError with every problem found; return None if the run can start."""
     problems: list[str] = []
     problems += check_qlora(cfg.training.qlora)
+    problems += check_fused_kernels(cfg.training.fused_kernels)
     try:
         problems += check_store(open_store(cfg.store.uri, cfg.store.credentials_block))
     except StoreError as exc:
@@ -63,6 +64,19 @@ def check_qlora(qlora: bool) -> list[str]:
 
     if find_spec("bitsandbytes") is None:
         return ["training.qlora is true but bitsandbytes is not installed: pip install '.[qlora]'"]
+    return []
+
+
+def check_fused_kernels(setting: str) -> list[str]:
+    if setting != "on":
+        return []
+    import torch
+    from importlib.util import find_spec
+
+    if not torch.cuda.is_available() or find_spec("liger_kernel") is None:
+        return [f"training.fused_kernels is 'on' but needs CUDA and liger-kernel (CUDA visible: "
+                f"{torch.cuda.is_available()}, liger-kernel installed: {find_spec('liger_kernel') is not None}). "
+                "Set training.fused_kernels=auto (used where available), or pip install '.[gpu]' on a GPU worker"]
     return []
 
 

@@ -18,6 +18,7 @@ from pipeline.base_model import resolve_model_dir
 from pipeline.checkpoints import CheckpointSync, restore_latest
 from pipeline.config import DataConfig, LoraConfig, ModelConfig, StoreConfig, TrainingConfig
 from pipeline.data import load_splits, tokenize_example
+from pipeline.errors import StageCheckError
 from pipeline.stage import StageArtifact, run_stage
 from pipeline.store import code_version, describe_files, open_store, retrying, stage_key
 
@@ -35,8 +36,8 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
+                              Trainer, TrainingArguments, set_seed)
     from transformers.trainer_utils import get_last_checkpoint
 
     from pipeline.progress import ProgressLogger
@@ -72,6 +73,7 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
     logger.info("LoRA r=%d on %s: %d trainable of %d parameters (%.3f%%)",
                 lora.r, ",".join(lora.target_modules), trainable, total, 100 * trainable / total)
 
+    fused = fused_kernels_available(training.fused_kernels, on_gpu)
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=training.num_train_epochs,
@@ -96,10 +98,14 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
         disable_tqdm=True,
         remove_unused_columns=False,
         use_cpu=not on_gpu,
+        use_liger_kernel=fused,  # AdamW is already the fused one: transformers' default with torch >= 2.8
     )
+    # Padding-free packing: one row per micro-batch with per-example positions; transformers derives a
+    # block-diagonal causal mask from the restarting position ids, so no token attends across examples.
+    collator = TokenCounter(DataCollatorWithFlattening(separator_id=-100) if training.packing
+                            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         callbacks=[ProgressLogger()] + ([sync] if sync else []),
     )
     eval_before = trainer.evaluate()["eval_loss"]
@@ -108,7 +114,11 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
     resume = get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
     if resume:
         logger.info("resuming from %s", resume)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    collator.tokens = 0
     result = trainer.train(resume_from_checkpoint=resume)
+    train_tokens = collator.tokens
     eval_after = trainer.evaluate()["eval_loss"]
     logger.info("eval loss %.4f -> %.4f", eval_before, eval_after)
 
@@ -127,7 +137,37 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
         "resumed_from": Path(resume).name if resume else None,
         "precision": "bf16" if bf16 else "fp32",
         "qlora": training.qlora,
+        "packing": training.packing,
+        "fused_kernels": fused,
+        "train_seconds": result.metrics["train_runtime"],
+        "train_tokens": train_tokens,
+        "tokens_per_second": train_tokens / result.metrics["train_runtime"],
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
     }
+
+
+class TokenCounter:
+    """A data collator that counts the real (unpadded) tokens it batches: the honest throughput numerator."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens = collate, 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.collate(features)
+
+
+def fused_kernels_available(setting: str, on_gpu: bool) -> bool:
+    """Whether to use Liger kernels: "on" insists (CUDA and liger-kernel required), "auto" uses them
+    where they can run."""
+    import importlib.util
+
+    have_liger = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "on" and not (on_gpu and have_liger):
+        raise StageCheckError("training.fused_kernels is 'on' but needs CUDA and the liger-kernel package "
+                              f"(CUDA: {on_gpu}, liger-kernel installed: {have_liger}); install liger-kernel on a "
+                              "GPU worker, or set training.fused_kernels=auto")
+    return setting != "off" and on_gpu and have_liger
 
 
 def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,

