@@ -46,6 +46,19 @@ SHAPES = {  # Qwen2-1.5B's config (tied embeddings, GQA 12/2) and a toy of the s
 }
 
 
+def without_prefect_if_absent() -> None:
+    """The GPU machine has no Prefect. The stage modules use only its `@task` decorator, so where Prefect is not
+    installed it becomes the identity and the plain stage functions run as they are."""
+    import types
+
+    try:
+        import prefect  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("prefect")
+        shim.task = lambda *args, **kwargs: args[0] if args and callable(args[0]) else (lambda fn: fn)
+        sys.modules["prefect"] = shim
+
+
 # ---------------------------------------------------------------------------------------------------- prepare
 def prepare(folder: Path, seed: int = 0) -> None:
     """Tokenizer files, training rows (JSONL, `text` form), calibration and evaluation token windows."""
@@ -164,6 +177,8 @@ def project_quantize(merged_dir: Path, out_dir: Path, quant, calibration, window
 def run(folder: Path, args) -> dict:
     import torch
 
+    without_prefect_if_absent()
+
     from pipeline.config import (CalibrationConfig, DataConfig, LoraConfig, MergeConfig, QuantizationConfig,
                                  TrainingConfig)
     from tasks.merge import merge_adapter
@@ -197,15 +212,20 @@ def run(folder: Path, args) -> dict:
         report["merge"]["seconds"] = time.perf_counter() - start
         group = 128 if args.shape != "tiny" else 32
         report["quantize"] = {}
-        for batch_size in args.quantize_batch_sizes:  # one failing setting must not cost the device run
-            quant = QuantizationConfig(group_size=group, calibration=CalibrationConfig(batch_size=batch_size))
-            out = work / f"gptq-b{batch_size}"
+        # the project's defaults (mse clipping search + GPTAQ) at each calibration batch size, and the largest batch
+        # without them: what the quality features cost in time
+        settings = [(f"batch {b}", {"calibration": CalibrationConfig(batch_size=b)}) for b in args.quantize_batch_sizes]
+        settings.append((f"batch {max(args.quantize_batch_sizes)}, no mse/GPTAQ",
+                         {"calibration": CalibrationConfig(batch_size=max(args.quantize_batch_sizes)), "mse": 0.0,
+                          "gptaq_alpha": None}))
+        for name, fields in settings:  # one failing setting must not cost the device run
+            quant = QuantizationConfig(group_size=group, **fields)
+            out = work / "gptq"
             try:
-                report["quantize"][f"batch {batch_size}"] = project_quantize(work / "merged", out, quant,
-                                                                             calibration, windows)
+                report["quantize"][name] = project_quantize(work / "merged", out, quant, calibration, windows)
             except Exception as exc:  # noqa: BLE001 - recorded in the report and the log
-                logger.exception("quantize with calibration batch %d failed", batch_size)
-                report["quantize"][f"batch {batch_size}"] = {"error": repr(exc)}
+                logger.exception("quantize (%s) failed", name)
+                report["quantize"][name] = {"error": repr(exc)}
             shutil.rmtree(out, ignore_errors=True)
         try:
             report["llmcompressor"] = llmcompressor_row(work / "merged", group, calibration, windows, device)
@@ -233,15 +253,17 @@ def ratios(report: dict) -> dict:
            "max_step_loss_rel_diff": max(abs(a - b) / b for a, b in zip(ours["losses"], base["losses"]))}
     if base["peak_memory_bytes"]:
         out["finetune_memory_ratio"] = ours["peak_memory_bytes"] / base["peak_memory_bytes"]
-    done = [r for r in report["quantize"].values() if "quantize_seconds" in r]
-    if not done:
-        return out
-    fastest = min(done, key=lambda r: r["quantize_seconds"])
-    out["fastest_quantize_seconds"] = fastest["quantize_seconds"]
     llmc = report["llmcompressor"]
-    if "quantize_seconds" in llmc:
-        out["quantize_time_vs_llmcompressor"] = fastest["quantize_seconds"] / llmc["quantize_seconds"]
-        out["perplexity_vs_llmcompressor"] = fastest["perplexity"] / llmc["perplexity"]
+    for label, rows in (("defaults", [r for n, r in report["quantize"].items() if "no mse" not in n]),
+                        ("no_mse_gptaq", [r for n, r in report["quantize"].items() if "no mse" in n])):
+        done = [r for r in rows if "quantize_seconds" in r]
+        if not done:
+            continue
+        fastest = min(done, key=lambda r: r["quantize_seconds"])
+        out[f"quantize_seconds_{label}"] = fastest["quantize_seconds"]
+        if "quantize_seconds" in llmc:
+            out[f"quantize_time_vs_llmcompressor_{label}"] = fastest["quantize_seconds"] / llmc["quantize_seconds"]
+            out[f"perplexity_vs_llmcompressor_{label}"] = fastest["perplexity"] / llmc["perplexity"]
     return out
 
 
@@ -257,9 +279,9 @@ def table(report: dict) -> str:
              f"| {ours['losses'][-1]:.4f} |"]
     for name, row in report["quantize"].items():
         if "error" in row:
-            lines.append(f"| gptqmodel, calibration {name} | failed: {row['error'][:80]} | | |")
+            lines.append(f"| quantize_gptq, calibration {name} | failed: {row['error'][:80]} | | |")
             continue
-        lines.append(f"| gptqmodel via quantize_gptq, calibration {name} | {row['quantize_seconds']:.1f} s "
+        lines.append(f"| quantize_gptq, calibration {name} | {row['quantize_seconds']:.1f} s "
                      f"| {gib(row['peak_memory_bytes'])} | ppl {row['perplexity']:.2f} |")
     llmc = report["llmcompressor"]
     lines.append(f"| llm-compressor GPTQ W4A16 | {llmc['quantize_seconds']:.1f} s | {gib(llmc.get('peak_memory_bytes'))} "

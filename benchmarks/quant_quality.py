@@ -8,8 +8,8 @@ windows and one calibration set for every row.
 
 Text: State of the Union addresses from the npm registry (benchmarks/prose.py); held-out windows from 2010-2021,
 calibration windows from 1990-2009 (`--calibration-text moby` or `mixed` swaps in Moby-Dick). A variant is
-`NAME:key=value,...` over the `quantization` section of conf/default.yaml (`text=moby|mixed|sotu` changes its
-calibration text only). llm-compressor runs in its own virtual environment, built on demand under the machine cache
+`NAME:key=value,...` over the `quantization` section of conf/default.yaml; `text=moby|mixed|sotu`, `n=COUNT` and
+`length=TOKENS` change only its calibration (the first COUNT windows of the same sample, cut to TOKENS). llm-compressor runs in its own virtual environment, built on demand under the machine cache
 (it pins transformers <= 5.17). Prints the table and writes JSON (default benchmarks/quant_quality.json).
 """
 
@@ -141,7 +141,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     parser.add_argument("--baselines", default="rtn,gptq-plain",
-                        help="comma list from rtn, gptq-plain (act_group_aware off); empty for none")
+                        help="comma list from rtn, gptq-plain (no act_group_aware, mse or GPTAQ); empty for none")
     parser.add_argument("--no-llmcompressor", action="store_true")
     parser.add_argument("--llmc-score-original", action="store_true",
                         help="also score the unquantized model in llm-compressor's environment (parity check)")
@@ -177,15 +177,20 @@ def main() -> int:
         rtn_quantize_(model, 4, args.group_size, sym=True)
         rows[f"RTN int4 sym g{args.group_size}"] = {"perplexity": window_perplexity(model, windows)}
     del model
-    runs = [(f"gptqmodel g{args.group_size}, act_group_aware off", {"act_group_aware": "false"})] \
-        if "gptq-plain" in baselines else []
+    plain = {"act_group_aware": "false", "mse": "0", "gptaq_alpha": "null"}  # gptqmodel's textbook GPTQ
+    runs = [(f"gptqmodel plain GPTQ g{args.group_size}", plain)] if "gptq-plain" in baselines else []
     runs.append(("pipeline default", {}))
     runs += [parse_variant(spec) for spec in args.variant]
     for name, overrides in runs:
         text = overrides.pop("text", args.calibration_text)
+        count, length = int(overrides.pop("n", args.calibration)), int(overrides.pop("length", args.length))
+        calibration = [ids[:length] for ids in calibration_for(text)[:count]]
         quant = quantization_config(args.group_size, overrides)
-        logger.info("row %r: %s, calibration %s", name, overrides or "defaults", text)
-        rows[name] = {**run_gptqmodel(model_dir, quant, calibration_for(text), windows), "calibration_text": text}
+        logger.info("row %r: %s, calibration %s, %d x %d tokens", name, overrides or "defaults", text, count, length)
+        rows[name] = {**run_gptqmodel(model_dir, quant, calibration, windows), "calibration_text": text,
+                      "calibration_windows": len(calibration), "calibration_tokens_each": length}
+        logger.info("row %r: perplexity %.3f (original %.3f), quantized in %.1f s", name, rows[name]["perplexity"],
+                    rows["original"]["perplexity"], rows[name]["quantize_seconds"])
     if not args.no_llmcompressor:
         rows[f"llm-compressor GPTQ W4A16 g{args.group_size}"] = run_llmcompressor(
             model_dir, args.group_size, calibration_for(args.calibration_text), windows, args.llmc_score_original)

@@ -103,9 +103,9 @@ class QuantizationConfig(_Section):
     sym: bool = True
     damp_percent: float = Field(default=0.05, gt=0, lt=1)
     true_sequential: bool = True
-    mse: float = Field(default=0.0, ge=0, description="Clipping search for each group's scale by this error norm "
+    mse: float = Field(default=2.4, ge=0, description="Clipping search for each group's scale by this error norm "
                        "(gptqmodel `mse`, e.g. 2.4); 0 = plain min/max scales.")
-    gptaq_alpha: float | None = Field(default=None, gt=0, description="GPTAQ: also correct the error carried over "
+    gptaq_alpha: float | None = Field(default=0.25, gt=0, description="GPTAQ: also correct the error carried over "
                                       "from already-quantized layers (gptqmodel `gptaq`), this weight; null = off.")
     calibration: CalibrationConfig = CalibrationConfig()
     smoke_prompt: str = Field(default="Hello", description="Prompt generated from after reload, as a smoke check.")

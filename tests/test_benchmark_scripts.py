@@ -21,19 +21,22 @@ def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_quant_quality_compares_every_row_on_the_same_windows(tmp_path):
     out = tmp_path / "quant_quality.json"
     result = run_script("benchmarks/quant_quality.py", "--model", "builtin:tiny-qwen2", "--windows", "4",
-                        "--calibration", "8", "--length", "64", "--variant", "mse:mse=2.4",
+                        "--calibration", "8", "--length", "64", "--variant", "damp01:damp_percent=0.01",
                         "--llmc-score-original", "--out", str(out))
     summary = json.loads(out.read_text())
     rows = summary["rows"]
-    assert list(rows) == ["original", "RTN int4 sym g64", "gptqmodel g64, act_group_aware off", "pipeline default",
-                          "mse", "llm-compressor GPTQ W4A16 g64"]
+    assert list(rows) == ["original", "RTN int4 sym g64", "gptqmodel plain GPTQ g64", "pipeline default",
+                          "damp01", "llm-compressor GPTQ W4A16 g64"]
     assert summary["windows"] == 4 and summary["window_tokens"] == 64
     assert all(math.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in rows.values())
     # the rows differ from the original: each really quantized
     assert all(row["perplexity"] != rows["original"]["perplexity"] for name, row in rows.items() if name != "original")
     assert rows["pipeline default"]["checkpoint_format"] == "gptq"
-    assert rows["pipeline default"]["settings"]["act_group_aware"] is True
-    assert rows["mse"]["settings"]["mse"] == 2.4
+    default = rows["pipeline default"]["settings"]
+    assert default["act_group_aware"] is True and default["mse"] == 2.4 and default["gptaq_alpha"] == 0.25
+    plain = rows["gptqmodel plain GPTQ g64"]["settings"]
+    assert not plain["act_group_aware"] and plain["mse"] == 0 and plain["gptaq_alpha"] is None
+    assert rows["damp01"]["settings"]["damp_percent"] == 0.01 and rows["damp01"]["settings"]["mse"] == 2.4
     llmc = rows["llm-compressor GPTQ W4A16 g64"]
     # llm-compressor's own environment (transformers 5.17) scores the unquantized model exactly as this one does
     assert math.isclose(llmc["original_perplexity"], rows["original"]["perplexity"], rel_tol=1e-5)
@@ -57,7 +60,7 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert ours["train_tokens"] == base["train_tokens"] > 4 * 3 * 10
     assert len(ours["losses"]) == len(base["losses"]) == 4
     assert report["ratios"]["max_step_loss_rel_diff"] < 1e-5
-    assert set(report["quantize"]) == {"batch 4", "batch 8"}
+    assert set(report["quantize"]) == {"batch 4", "batch 8", "batch 8, no mse/GPTAQ"}
     for row in report["quantize"].values():
         assert row["checkpoint_format"] == "gptq" and row["smoke_new_tokens"] > 0 and math.isfinite(row["perplexity"])
     assert report["merge"]["logits_max_abs_diff"] < 1e-3
