@@ -140,8 +140,9 @@ def main() -> int:
     parser.add_argument("--calibration-text", default="sotu", choices=["sotu", "moby", "mixed"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
-    parser.add_argument("--baselines", default="rtn,gptq-plain",
-                        help="comma list from rtn, gptq-plain (no act_group_aware, mse or GPTAQ); empty for none")
+    parser.add_argument("--baselines", default="rtn,gptq-plain,default",
+                        help="comma list from rtn, gptq-plain (no act_group_aware, mse or GPTAQ), default (the "
+                             "pipeline's settings); empty for none")
     parser.add_argument("--no-llmcompressor", action="store_true")
     parser.add_argument("--llmc-score-original", action="store_true",
                         help="also score the unquantized model in llm-compressor's environment (parity check)")
@@ -170,6 +171,18 @@ def main() -> int:
     logger.info("%d evaluation windows, %d calibration windows of %d tokens", len(windows),
                 len(calibration_for(args.calibration_text)), args.length)
     rows: dict[str, dict] = {}
+
+    def save() -> None:
+        """Write the rows so far (after every row: a late failure keeps the finished ones)."""
+        for row in rows.values():
+            row["increase"] = row["perplexity"] / rows["original"]["perplexity"] - 1
+        summary = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+                   "model": args.model, "windows": len(windows), "window_tokens": args.length,
+                   "calibration_windows": args.calibration, "calibration_text": args.calibration_text, "rows": rows}
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows["original"] = {"perplexity": window_perplexity(model, windows)}
     baselines = [b for b in args.baselines.split(",") if b]
@@ -179,7 +192,8 @@ def main() -> int:
     del model
     plain = {"act_group_aware": "false", "mse": "0", "gptaq_alpha": "null"}  # gptqmodel's textbook GPTQ
     runs = [(f"gptqmodel plain GPTQ g{args.group_size}", plain)] if "gptq-plain" in baselines else []
-    runs.append(("pipeline default", {}))
+    if "default" in baselines:
+        runs.append(("pipeline default", {}))
     runs += [parse_variant(spec) for spec in args.variant]
     for name, overrides in runs:
         text = overrides.pop("text", args.calibration_text)
@@ -191,20 +205,13 @@ def main() -> int:
                       "calibration_windows": len(calibration), "calibration_tokens_each": length}
         logger.info("row %r: perplexity %.3f (original %.3f), quantized in %.1f s", name, rows[name]["perplexity"],
                     rows["original"]["perplexity"], rows[name]["quantize_seconds"])
+        save()
     if not args.no_llmcompressor:
         rows[f"llm-compressor GPTQ W4A16 g{args.group_size}"] = run_llmcompressor(
             model_dir, args.group_size, calibration_for(args.calibration_text), windows, args.llmc_score_original)
 
-    original = rows["original"]["perplexity"]
-    for row in rows.values():
-        row["increase"] = row["perplexity"] / original - 1
-    summary = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-               "model": args.model, "windows": len(windows), "window_tokens": args.length,
-               "calibration_windows": args.calibration, "calibration_text": args.calibration_text, "rows": rows}
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(table(rows, original))
+    save()
+    print(table(rows, rows["original"]["perplexity"]))
     return 0
 
 
