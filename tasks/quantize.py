@@ -38,19 +38,27 @@ def calibration_rows(calibration: CalibrationConfig, data: DataConfig) -> tuple[
     return rows[: calibration.n_samples], form
 
 
-def calibration_texts(rows: list[dict], form: str, tokenizer, max_length: int) -> list[str]:
-    """Each row rendered as in training, cut to `max_length` tokens."""
-    texts = []
-    for row in rows:
-        ids = tokenizer(render_text(row, form, tokenizer), add_special_tokens=False)["input_ids"]
-        texts.append(tokenizer.decode(ids[:max_length]))
-    return texts
+def calibration_ids(rows: list[dict], form: str, tokenizer, max_length: int) -> list[list[int]]:
+    """Each row rendered as in training, tokenized, cut to `max_length` tokens."""
+    return [tokenizer(render_text(row, form, tokenizer), add_special_tokens=False)["input_ids"][:max_length]
+            for row in rows]
+
+
+def rectangular_batches(calibration: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Longest first (gptqmodel's own order), each run of `batch_size` cut to its shortest member: batches without
+    padding. gptqmodel 7.6.0's GPTAQ fails on padded batches of unequal samples ("The size of tensor a (575) must
+    match the size of tensor b (83)"); sorted, a batch's members differ little, so few tokens are dropped."""
+    ordered = sorted(calibration, key=len, reverse=True)
+    out = []
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start:start + batch_size]
+        out += [ids[:min(map(len, group))] for ids in group]
+    return out
 
 
 def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
-                  calibration: list[str] | list[list[int]]) -> dict[str, Any]:
-    """GPTQ-quantize `merged_dir` on `calibration` (texts, or token ids used as they are) and write a GPTQ v1
-    checkpoint to `out_dir`."""
+                  calibration: list[list[int]]) -> dict[str, Any]:
+    """GPTQ-quantize `merged_dir` on `calibration` (token ids) and write a GPTQ v1 checkpoint to `out_dir`."""
     # gptqmodel 7.6.0 sizes its CPU worker pools from the core count and, on <= 2 cores, fails with "Virtual pool
     # 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1" unless this is set.
     if (os.cpu_count() or 1) <= 2:
@@ -66,9 +74,14 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
     )
     logger.info("GPTQ int%d g%d on %d calibration samples (%s)", quant.bits, quant.group_size, len(calibration),
                 ", ".join(f"{k}={getattr(config, k)}" for k in ("desc_act", "act_group_aware", "sym", "damp_percent", "mse", "gptaq")))
+    tokens = sum(map(len, calibration))
+    if quant.gptaq_alpha is not None and len(set(map(len, calibration))) > 1:
+        calibration = rectangular_batches(calibration, quant.calibration.batch_size)
+        logger.info("GPTAQ needs unpadded batches: each batch of %d cut to its shortest sample, %d of %d tokens kept",
+                    quant.calibration.batch_size, sum(map(len, calibration)), tokens)
     model = GPTQModel.load(str(merged_dir), config)
     with _gptq_logs_into(Path(out_dir) / "gptq_logs"):
-        model.quantize(calibration, batch_size=quant.calibration.batch_size)
+        model.quantize(calibration, batch_size=quant.calibration.batch_size, calibration_sort="desc")
     model.save(str(out_dir))
     del model
     # gptqmodel's saved generation_config may turn sampling on; ship the merged model's, as trained.
@@ -76,7 +89,8 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
         GenerationConfig.from_pretrained(merged_dir).save_pretrained(out_dir)
     layout = check_gptq_v1(Path(out_dir), quant)
     smoke = generate_smoke(Path(out_dir), quant.smoke_prompt)
-    return {**layout, **smoke, "calibration_samples": len(calibration)}
+    return {**layout, **smoke, "calibration_samples": len(calibration),
+            "calibration_tokens": sum(map(len, calibration)), "calibration_tokens_given": tokens}
 
 
 def check_gptq_v1(out_dir: Path, quant: QuantizationConfig) -> dict[str, Any]:
@@ -146,8 +160,8 @@ def quantize_stage(data: DataConfig, quant: QuantizationConfig, merged: StageArt
     def build(out_dir: Path) -> dict[str, Any]:
         merged_dir = local_copy(store, merged)
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-        texts = calibration_texts(rows, form, tokenizer, quant.calibration.max_length)
-        return quantize_gptq(merged_dir, out_dir, quant, texts)
+        ids = calibration_ids(rows, form, tokenizer, quant.calibration.max_length)
+        return quantize_gptq(merged_dir, out_dir, quant, ids)
 
     return run_stage(store, run_name, "quantize", determinants, build, inputs={"merged": merged}, force=force)
 

@@ -160,3 +160,12 @@ def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, tiny_base,
     assert packed["packing"] and packed["train_tokens"] == padded["train_tokens"] > 0
     assert len(packed_losses) == 4 and packed_losses == pytest.approx(padded_losses, rel=1e-5)
     assert packed["eval_loss_after"] == pytest.approx(padded["eval_loss_after"], rel=1e-5)
+
+
+def test_rectangular_batches_put_longest_first_and_cut_each_batch_to_its_shortest():
+    from tasks.quantize import rectangular_batches
+
+    calibration = [[1] * 5, [2] * 9, [3] * 7, [4] * 2, [5] * 8]
+    # longest first: 9, 8 | 7, 5 | 2 -> cut to 8 | 5 | 2; token values keep their sample
+    assert rectangular_batches(calibration, 2) == [[2] * 8, [5] * 8, [3] * 5, [1] * 5, [4] * 2]
+    assert rectangular_batches(calibration, 1) == sorted(calibration, key=len, reverse=True)
