@@ -8,7 +8,7 @@ windows and one calibration set for every row.
 
 Text: State of the Union addresses from the npm registry (benchmarks/prose.py); held-out windows from 2010-2021,
 calibration windows from 1990-2009 (`--calibration-text moby` or `mixed` swaps in Moby-Dick). A variant is
-`NAME:key=value,...` over the `quantization` section of conf/default.yaml; `text=moby|mixed|sotu`, `n=COUNT` and
+`NAME:key=value,...` over the quantize stage's defaults (`pipeline.config.QuantizationConfig`); `text=moby|mixed|sotu`, `n=COUNT` and
 `length=TOKENS` change only its calibration (the first COUNT windows of the same sample, cut to TOKENS). llm-compressor runs in its own virtual environment, built on demand under the machine cache
 (it pins transformers <= 5.17). Prints the table and writes JSON (default benchmarks/quant_quality.json).
 """
@@ -61,12 +61,15 @@ def calibration_windows(tokenizer, text: str, n: int, length: int, seed: int) ->
     raise SystemExit(f"calibration text {text!r}: use sotu, moby or mixed")
 
 
-def quantization_config(group_size: int, overrides: dict[str, str]):
-    """conf/default.yaml's quantization section (the pipeline's defaults), the group size, then the overrides."""
-    from pipeline.config import load_config
+def quantization_config(group_size: int, batch_size: int, overrides: dict[str, str]):
+    """The quantize stage's own defaults (QuantizationConfig, not the CPU demo's YAML), this group size and
+    calibration batch size, then the overrides (YAML values, as `--set` takes them)."""
+    import yaml
 
-    sets = [f"quantization.group_size={group_size}"] + [f"quantization.{k}={v}" for k, v in overrides.items()]
-    return load_config(ROOT / "conf" / "default.yaml", sets).quantization
+    from pipeline.config import QuantizationConfig
+
+    fields = {"group_size": group_size, "calibration": {"batch_size": batch_size}}
+    return QuantizationConfig.model_validate({**fields, **{k: yaml.safe_load(v) for k, v in overrides.items()}})
 
 
 def score_checkpoint(folder: Path, windows: list[list[int]]) -> float:
@@ -138,6 +141,7 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=128, help="calibration windows")
     parser.add_argument("--length", type=int, default=512, help="tokens per window")
     parser.add_argument("--calibration-text", default="sotu", choices=["sotu", "moby", "mixed"])
+    parser.add_argument("--batch-size", type=int, default=8, help="gptqmodel's calibration batch (speed only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     parser.add_argument("--baselines", default="rtn,gptq-plain,default",
@@ -199,7 +203,7 @@ def main() -> int:
         text = overrides.pop("text", args.calibration_text)
         count, length = int(overrides.pop("n", args.calibration)), int(overrides.pop("length", args.length))
         calibration = [ids[:length] for ids in calibration_for(text)[:count]]
-        quant = quantization_config(args.group_size, overrides)
+        quant = quantization_config(args.group_size, args.batch_size, overrides)
         logger.info("row %r: %s, calibration %s, %d x %d tokens", name, overrides or "defaults", text, count, length)
         rows[name] = {**run_gptqmodel(model_dir, quant, calibration, windows), "calibration_text": text,
                       "calibration_windows": len(calibration), "calibration_tokens_each": length}
