@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -25,3 +26,13 @@ def timed_run(config: str, store: Path, overrides: list[str], cache: Path | None
         raise SystemExit(f"the pipeline failed ({result.returncode}):\n{result.stderr[-3000:]}")
     summary = Path(result.stdout.strip().splitlines()[-1].removeprefix("run summary: "))
     return seconds, json.loads(summary.read_text())
+
+
+def pipeline_arguments(description: str, repeats: int, out: str) -> argparse.ArgumentParser:
+    """The options every pipeline benchmark takes: --config, --repeats, --set (repeatable), --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="conf/default.yaml")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / out))
+    return parser

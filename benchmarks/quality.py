@@ -9,7 +9,6 @@ are deterministic for a config; wall time as the median of the repeats) and writ
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -19,18 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pipeline_run import timed_run  # noqa: E402
+from pipeline_run import pipeline_arguments, timed_run  # noqa: E402
 
 
 def main() -> int:
     from tasks.evaluate import metrics_table
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="conf/default.yaml")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "quality.json"))
-    args = parser.parse_args()
+    args = pipeline_arguments(__doc__.split("\n")[0], repeats=1, out="quality.json").parse_args()
     times, run, metrics = [], {}, {}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,6 @@ ratio, and writes benchmarks/rerun.json. The issue's target: a rerun under 25% o
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -18,17 +17,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pipeline_run import timed_run  # noqa: E402
+from pipeline_run import pipeline_arguments, timed_run  # noqa: E402
 logger = logging.getLogger("benchmarks.rerun")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="conf/default.yaml")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "rerun.json"))
-    args = parser.parse_args()
+    args = pipeline_arguments(__doc__.split("\n")[0], repeats=3, out="rerun.json").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pairs = []
     for i in range(args.repeats):

@@ -158,16 +158,16 @@ class TokenCounter:
 
 
 def fused_kernels_available(setting: str, on_gpu: bool) -> bool:
-    """Whether to use Liger kernels: "on" insists (CUDA and liger-kernel required), "auto" uses them
-    where they can run."""
+    """Whether to use Liger kernels: "on" insists (preflight's check, again here for callers without the flow),
+    "auto" uses them where they can run."""
     import importlib.util
 
-    have_liger = importlib.util.find_spec("liger_kernel") is not None
-    if setting == "on" and not (on_gpu and have_liger):
-        raise StageCheckError("training.fused_kernels is 'on' but needs CUDA and the liger-kernel package "
-                              f"(CUDA: {on_gpu}, liger-kernel installed: {have_liger}); install liger-kernel on a "
-                              "GPU worker, or set training.fused_kernels=auto")
-    return setting != "off" and on_gpu and have_liger
+    from pipeline.preflight import check_fused_kernels
+
+    problems = check_fused_kernels(setting)
+    if problems:
+        raise StageCheckError(problems[0])
+    return setting != "off" and on_gpu and importlib.util.find_spec("liger_kernel") is not None
 
 
 def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
