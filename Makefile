@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test clean
+.PHONY: install system-deps run test test-fast lint docs clean
 
 install: $(STAMP)
 
@@ -39,8 +39,20 @@ system-deps:
 run: install
 	$(PY) -m flows.finetune_then_quantize --config $(CONFIG)
 
+# The full suite, as CI runs it (.ci/run): real servers, downloads from the package registries, the fault suite.
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit loop: tiny models only, no downloads, no servers (the `slow` and `network` markers left out).
+test-fast: install
+	$(PY) -m pytest -m "not slow and not network" $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
+
+# Regenerate the reference pages that mirror code (tests/test_docs.py fails when they are stale).
+docs: install
+	$(PY) docs/generate.py
 
 clean:
 	rm -rf artifacts .pytest_cache test-outputs

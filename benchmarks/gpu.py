@@ -46,25 +46,11 @@ SHAPES = {  # Qwen2-1.5B's config (tied embeddings, GQA 12/2) and a toy of the s
 }
 
 
-def without_prefect_if_absent() -> None:
-    """The GPU machine has no Prefect. The stage modules use only its `@task` decorator, so where Prefect is not
-    installed it becomes the identity and the plain stage functions run as they are."""
-    import types
-
-    try:
-        import prefect  # noqa: F401
-    except ImportError:
-        shim = types.ModuleType("prefect")
-        shim.task = lambda *args, **kwargs: args[0] if args and callable(args[0]) else (lambda fn: fn)
-        sys.modules["prefect"] = shim
-
-
 # ---------------------------------------------------------------------------------------------------- prepare
 def prepare(folder: Path, seed: int = 0) -> None:
     """Tokenizer files, training rows (JSONL, `text` form), calibration and evaluation token windows."""
-    from transformers import AutoTokenizer
-
     import prose
+    from transformers import AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,15 +102,15 @@ def baseline_finetune(base_dir: Path, data, lora, training) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from pipeline.data import load_splits, tokenize_example
+    from pipeline.data import read_dataset, tokenize_example
     from tasks.finetune import TokenCounter
 
     torch.manual_seed(training.seed)
     on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    splits = load_splits(data)
-    train_set = [tokenize_example(r, splits.form, tokenizer, data.max_length) for r in splits.train]
+    dataset = read_dataset(data)
+    train_set = [tokenize_example(r, dataset.form, tokenizer, data.max_length) for r in dataset.train]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if on_gpu else torch.float32)
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
@@ -147,9 +133,11 @@ def baseline_finetune(base_dir: Path, data, lora, training) -> dict:
 
 def project_finetune(base_dir: Path, data, lora, training, out_dir: Path) -> dict:
     """This project's fine-tune function (tasks.finetune.train_lora), no store, no Prefect."""
+    from pipeline.data import read_dataset
     from tasks.finetune import train_lora
 
-    metrics = train_lora(base_dir, data, lora, training, out_dir, out_dir.with_name(out_dir.name + "-checkpoints"))
+    metrics = train_lora(base_dir, read_dataset(data), data.max_length, lora, training, out_dir,
+                         out_dir.with_name(out_dir.name + "-checkpoints"))
     losses = [e["loss"] for e in json.loads((out_dir / "training_log.json").read_text())]
     return {**metrics, "losses": losses}
 
@@ -177,10 +165,14 @@ def project_quantize(merged_dir: Path, out_dir: Path, quant, calibration, window
 def run(folder: Path, args) -> dict:
     import torch
 
-    without_prefect_if_absent()
-
-    from pipeline.config import (CalibrationConfig, DataConfig, LoraConfig, MergeConfig, QuantizationConfig,
-                                 TrainingConfig)
+    from pipeline.config import (
+        CalibrationConfig,
+        DataConfig,
+        LoraConfig,
+        MergeConfig,
+        QuantizationConfig,
+        TrainingConfig,
+    )
     from tasks.merge import merge_adapter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -250,7 +242,7 @@ def ratios(report: dict) -> dict:
     base, ours = report["baseline_finetune"], report["project_finetune"]
     out = {"finetune_speedup": ours["tokens_per_second"] / base["tokens_per_second"],
            "final_loss_ratio": ours["losses"][-1] / base["losses"][-1],
-           "max_step_loss_rel_diff": max(abs(a - b) / b for a, b in zip(ours["losses"], base["losses"]))}
+           "max_step_loss_rel_diff": max(abs(a - b) / b for a, b in zip(ours["losses"], base["losses"], strict=True))}
     if base["peak_memory_bytes"]:
         out["finetune_memory_ratio"] = ours["peak_memory_bytes"] / base["peak_memory_bytes"]
     llmc = report["llmcompressor"]

@@ -22,7 +22,7 @@ from pipeline_run import pipeline_arguments, timed_run  # noqa: E402
 
 
 def main() -> int:
-    from tasks.evaluate import metrics_table
+    from pipeline.report import metrics_table
 
     args = pipeline_arguments(__doc__.split("\n")[0], repeats=1, out="quality.json").parse_args()
     times, run, metrics = [], {}, {}

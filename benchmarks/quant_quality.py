@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def main() -> int:
         for row in rows.values():
             row["increase"] = row["perplexity"] / rows["original"]["perplexity"] - 1
         summary = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "date": datetime.now(UTC).isoformat(timespec="seconds"),
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
                    "model": args.model, "windows": len(windows), "window_tokens": args.length,
                    "calibration_windows": args.calibration, "calibration_text": args.calibration_text, "rows": rows}

@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from pipeline_run import pipeline_arguments, timed_run  # noqa: E402
+
 logger = logging.getLogger("benchmarks.rerun")
 
 

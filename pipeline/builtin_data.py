@@ -9,7 +9,8 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MONTHS = list(calendar.month_name)[1:]
 ABBREVIATIONS = list(calendar.month_abbr)[1:]

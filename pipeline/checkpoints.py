@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from pipeline.store import MANIFEST, Store, StageCorrupt, materialize, new_scratch, publish, read_manifest, retrying
+from pipeline.store import MANIFEST, StageCorrupt, Store, materialize, new_scratch, publish, read_manifest, retrying
 
 logger = logging.getLogger(__name__)
 STEP = re.compile(r"checkpoint-(\d+)$")

@@ -25,6 +25,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The base model: the full-precision checkpoint that is fine-tuned (a quantized one is refused)."""
+
     name_or_path: str = Field(description="Hub id, local directory, or builtin:tiny-qwen2 (a random toy, for tests).")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(default=False, description="Run the model repo's own Python code (auto_map).")
@@ -35,22 +37,27 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
+    """The training data, read once per run, validated, split and published as the `data` stage."""
+
     path: str = Field(description="JSONL/JSON/CSV/parquet file, or a hub dataset id.")
     format: Literal["auto", "chat", "prompt_completion", "text"] = Field(
         default="auto", description="chat: a `messages` list; prompt_completion: `prompt`+`completion`; text: `text`."
     )
-    split: str = "train"
+    split: str = Field(default="train", description="Split of a hub dataset to read.")
     eval_path: str | None = Field(default=None, description="Separate eval file; else eval_fraction of `path`.")
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of `path` held out for evaluation "
+                                 "(a seeded sample) when eval_path is not set.")
     max_length: int = Field(default=512, ge=8, description="Tokens per example; longer ones are truncated.")
     max_samples: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of the train/eval split and of the calibration sample.")
 
 
 class LoraConfig(_Section):
+    """The LoRA adapter (peft), trained on the full-precision base."""
+
     r: int = Field(default=16, ge=1, description="LoRA rank: higher adapts more, costs more memory.")
-    lora_alpha: int = Field(default=32, ge=1)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
     target_modules: list[str] = Field(
         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names to adapt; default all attention and MLP projections.",
@@ -58,18 +65,22 @@ class LoraConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    num_train_epochs: float = Field(default=1.0, gt=0)
+    """The fine-tune (transformers Trainer); checkpoints go to the store so a killed run resumes."""
+
+    num_train_epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows (unless max_steps > 0).")
     max_steps: int = Field(default=-1, description="Stop after this many optimizer steps; -1 means use epochs.")
-    learning_rate: float = Field(default=2e-4, gt=0)
-    per_device_train_batch_size: int = Field(default=4, ge=1)
-    per_device_eval_batch_size: int = Field(default=8, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate of AdamW.")
+    per_device_train_batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch and device.")
+    per_device_eval_batch_size: int = Field(default=8, ge=1, description="Examples per batch for the eval loss.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     warmup_steps: float = Field(default=0.03, ge=0, description="Warmup: steps if >= 1, else a fraction of all steps.")
-    weight_decay: float = Field(default=0.0, ge=0)
-    lr_scheduler_type: str = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on the LoRA parameters.")
+    lr_scheduler_type: str = Field(default="cosine", description="transformers scheduler name: cosine, linear, "
+                                                                 "constant, ...")
     logging_steps: int = Field(default=10, ge=1, description="Log loss, rate and ETA every N steps.")
     save_steps: int = Field(default=100, ge=1, description="Checkpoint every N steps so a rerun resumes.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass: "
+                                         "less memory, about a third more compute.")
     packing: bool = Field(default=False, description="Padding-free batches: each micro-batch's examples concatenated "
                           "into one row, positions restarting per example, attention never crossing examples.")
     fused_kernels: Literal["auto", "on", "off"] = Field(
@@ -77,10 +88,12 @@ class TrainingConfig(_Section):
                                     "RoPE, SwiGLU); auto = on when CUDA is present and liger-kernel is installed.")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU.")
     qlora: bool = Field(default=False, description="Train on a 4-bit bitsandbytes copy of the base (CUDA only).")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of the LoRA initialisation and the data order.")
 
 
 class MergeConfig(_Section):
+    """Merging the adapter into full-precision weights, checked against the adapter's logits."""
+
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Dtype of the merged weights; auto: the base's dtype on GPU, float32 on CPU."
     )
@@ -89,20 +102,27 @@ class MergeConfig(_Section):
 
 
 class CalibrationConfig(_Section):
+    """The texts GPTQ calibrates on."""
+
     source: str = Field(default="train", description="`train` (the training data, rendered as in training) or a file/dataset id.")
-    n_samples: int = Field(default=128, ge=1)
+    n_samples: int = Field(default=128, ge=1, description="Calibration rows, a seeded sample of the source.")
     max_length: int = Field(default=512, ge=8, description="Tokens per calibration sample.")
-    batch_size: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4, ge=1, description="Calibration samples per forward pass (larger is faster "
+                                                          "on a GPU).")
 
 
 class QuantizationConfig(_Section):
-    bits: Literal[4, 8] = 4
+    """GPTQ (gptqmodel) of the merged model to a standard GPTQ v1 checkpoint."""
+
+    bits: Literal[4, 8] = Field(default=4, description="Bits per weight.")
     group_size: int = Field(default=128, description="Columns per scale; must divide every quantized layer's in_features; -1 = per channel.")
     desc_act: bool = Field(default=False, description="Activation-order columns; slower kernels. Excludes act_group_aware.")
     act_group_aware: bool = Field(default=True, description="Order groups by activation (gptqmodel); cheap, better quality.")
-    sym: bool = True
-    damp_percent: float = Field(default=0.05, gt=0, lt=1)
-    true_sequential: bool = True
+    sym: bool = Field(default=True, description="Symmetric scales (no zero point): what vLLM's Marlin kernels take.")
+    damp_percent: float = Field(default=0.05, gt=0, lt=1, description="Dampening added to the Hessian's diagonal, "
+                                "as a share of its mean.")
+    true_sequential: bool = Field(default=True, description="Quantize a block's layers one after another, each on "
+                                  "the inputs the already-quantized ones produce.")
     mse: float = Field(default=2.4, ge=0, description="Clipping search for each group's scale by this error norm "
                        "(gptqmodel `mse`, e.g. 2.4); 0 = plain min/max scales.")
     gptaq_alpha: float | None = Field(default=0.25, gt=0, description="GPTAQ: also correct the error carried over "
@@ -119,9 +139,11 @@ class QuantizationConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    """Scoring base, merged, round-to-nearest int4 and GPTQ int4 on the same held-out rows."""
+
     max_samples: int = Field(default=200, ge=1, description="Eval rows scored per model (bounds the stage's time).")
     max_new_tokens: int = Field(default=24, ge=1, description="Greedy tokens generated per answer for exact match.")
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="Rows per batch for perplexity and generation.")
     samples_shown: int = Field(default=5, ge=0, description="Generations shown side by side in the report.")
     rtn_baseline: bool = Field(default=True, description="Also score round-to-nearest int4 (same bits/group_size).")
 
@@ -138,12 +160,16 @@ class GateConfig(_Section):
 
 
 class StoreConfig(_Section):
+    """Where stages are published: a local folder or an S3-compatible bucket."""
+
     uri: str = Field(default="./artifacts", description="Local path or s3://bucket/prefix; stages go to <uri>/<run_name>/<stage>/.")
     credentials_block: str | None = Field(
         default=None, description="Prefect Secret block with {key, secret, endpoint_url}; else the AWS_* environment.")
 
 
 class PipelineConfig(_Section):
+    """A pipeline run: one section per stage."""
+
     run_name: str = Field(description="Names the run's folder in the store: letters, digits, . _ -")
     model: ModelConfig
     data: DataConfig

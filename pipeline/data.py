@@ -1,15 +1,20 @@
-"""Training data: load rows from a file or hub dataset, detect their form, and render them to tokens.
+"""Training data: read rows from a file or hub dataset once, validate and split them, and render them to tokens.
 
 Three forms are accepted: chat (`messages`: [{role, content}, ...]), prompt/completion, and plain text.
 Loss is taken on what the model should learn to write: assistant turns, the completion, or all of the text.
 The same rendering feeds calibration, so GPTQ sees the distribution the model was tuned on.
+
+A run reads its source once (`read_dataset`, in preflight); the data stage publishes the `Dataset` as files
+(`write_dataset`) and every later stage reads those (`load_dataset`), never the source again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +30,45 @@ class DataError(BadInputError):
     """The dataset is missing, empty, or not in a form the pipeline understands."""
 
 
+DATASET_FILES = ("train.jsonl", "eval.jsonl", "dataset.json")
+
+
 @dataclass(frozen=True)
-class Splits:
+class Dataset:
+    """Validated rows in one form, split into train and eval."""
+
     form: str
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
+
+    @cached_property
+    def key(self) -> str:
+        """sha256 of the form and every row of both splits, in order: the dataset's content key."""
+        blob = json.dumps({"form": self.form, "train": self.train, "eval": self.eval}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_dataset(dataset: Dataset, folder: Path) -> dict[str, Any]:
+    """train.jsonl, eval.jsonl (one row per line, as read) and dataset.json (form, counts, key); returns the latter."""
+    folder = Path(folder)
+    for name, rows in (("train.jsonl", dataset.train), ("eval.jsonl", dataset.eval)):
+        (folder / name).write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows),
+                                   encoding="utf-8")
+    info = {"form": dataset.form, "train_rows": len(dataset.train), "eval_rows": len(dataset.eval),
+            "content_key": dataset.key}
+    (folder / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_dataset(folder: Path) -> Dataset:
+    """The Dataset a data stage wrote with `write_dataset`."""
+    folder = Path(folder)
+    info = json.loads((folder / "dataset.json").read_text())
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines()]
+
+    return Dataset(form=info["form"], train=rows("train.jsonl"), eval=rows("eval.jsonl"))
 
 
 def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
@@ -108,8 +147,9 @@ def check_row(row: dict[str, Any], form: str) -> str | None:
     return None
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Train and eval rows, validated. Eval is `eval_path` if set, else a seeded `eval_fraction` of `path`."""
+def read_dataset(cfg: DataConfig) -> Dataset:
+    """Train and eval rows read from the source, validated. Eval is `eval_path` if set, else a seeded
+    `eval_fraction` of `path`."""
     rows = load_rows(cfg.path, cfg.split)
     if not rows:
         raise DataError(f"dataset {cfg.path!r} has no rows; it needs at least 2 (one to train, one to evaluate)")
@@ -131,7 +171,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         eval_rows, train_rows = shuffled[:n_eval], shuffled[n_eval:]
     if cfg.max_samples:
         train_rows = train_rows[: cfg.max_samples]
-    return Splits(form=form, train=train_rows, eval=eval_rows)
+    return Dataset(form=form, train=train_rows, eval=eval_rows)
 
 
 def tokenize_example(row: dict[str, Any], form: str, tokenizer, max_length: int) -> dict[str, list[int]]:

@@ -1,7 +1,8 @@
-"""Everything that can be checked before any weights are loaded, reported together.
+"""Everything that can be checked before any weights are loaded, reported together; once per run.
 
 Order: config-level facts first (free), then files (cheap), then the model's shapes on the meta device
-(no weights). One PreflightError lists every problem, so a user fixes them in one round trip.
+(no weights). One PreflightError lists every problem, so a user fixes them in one round trip. The dataset read
+to check it is returned: the data stage publishes it, so the source is read once per run.
 """
 
 from __future__ import annotations
@@ -9,10 +10,15 @@ from __future__ import annotations
 import logging
 import math
 
-from pipeline.base_model import (ModelSourceError, list_model_files, read_model_config, read_tokenizer_config,
-                                 unquantized_name)
+from pipeline.base_model import (
+    ModelSourceError,
+    list_model_files,
+    read_model_config,
+    read_tokenizer_config,
+    unquantized_name,
+)
 from pipeline.config import PipelineConfig
-from pipeline.data import DataError, load_rows, load_splits
+from pipeline.data import DataError, Dataset, load_rows, read_dataset
 from pipeline.errors import PreflightError
 from pipeline.gguf_base import is_gguf
 from pipeline.store import StoreError, check_store, open_store
@@ -21,8 +27,8 @@ logger = logging.getLogger(__name__)
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Raise PreflightError with every problem found; return None if the run can start."""
+def preflight(cfg: PipelineConfig) -> Dataset:
+    """Raise PreflightError with every problem found; return the validated dataset if the run can start."""
     problems: list[str] = []
     problems += check_qlora(cfg.training.qlora)
     problems += check_fused_kernels(cfg.training.fused_kernels)
@@ -44,12 +50,14 @@ def preflight(cfg: PipelineConfig) -> None:
         problems += check_remote_code(cfg.model.name_or_path, model_config, cfg.model.trust_remote_code)
         if not is_gguf(cfg.model.name_or_path):
             problems += check_weights_format(cfg)
-    problems += check_data(cfg, check_template=model_config is not None)
+    dataset, data_problems = check_data(cfg, check_template=model_config is not None)
+    problems += data_problems
     if model_config is not None and "quantization_config" not in model_config:
         problems += check_layers(model_config, cfg)
     if problems:
         raise PreflightError(problems)
     logger.info("preflight passed: base %s, data %s, store %s", cfg.model.name_or_path, cfg.data.path, cfg.store.uri)
+    return dataset
 
 
 def check_qlora(qlora: bool) -> list[str]:
@@ -70,8 +78,9 @@ def check_qlora(qlora: bool) -> list[str]:
 def check_fused_kernels(setting: str) -> list[str]:
     if setting != "on":
         return []
-    import torch
     from importlib.util import find_spec
+
+    import torch
 
     if not torch.cuda.is_available() or find_spec("liger_kernel") is None:
         return [f"training.fused_kernels is 'on' but needs CUDA and liger-kernel (CUDA visible: "
@@ -126,14 +135,15 @@ def check_weights_format(cfg: PipelineConfig) -> list[str]:
             "the source"]
 
 
-def check_data(cfg: PipelineConfig, check_template: bool = True) -> list[str]:
+def check_data(cfg: PipelineConfig, check_template: bool = True) -> tuple[Dataset | None, list[str]]:
+    """The dataset, read from its source and validated (None if it cannot be), and every problem found."""
     problems = []
-    splits = None
+    dataset = None
     try:
-        splits = load_splits(cfg.data)
+        dataset = read_dataset(cfg.data)
     except DataError as exc:
         problems.append(str(exc))
-    if splits is not None and splits.form == "chat" and check_template:
+    if dataset is not None and dataset.form == "chat" and check_template:
         try:
             template = read_tokenizer_config(cfg.model.name_or_path, cfg.model.revision).get("chat_template")
         except (ModelSourceError, OSError, ValueError) as exc:
@@ -144,7 +154,7 @@ def check_data(cfg: PipelineConfig, check_template: bool = True) -> list[str]:
                             "model's tokenizer, or give prompt/completion or text data")
     calibration = cfg.quantization.calibration
     if calibration.source == "train":
-        available = len(splits.train) if splits is not None else None
+        available = len(dataset.train) if dataset is not None else None
     else:
         try:
             available = len(load_rows(calibration.source))
@@ -154,7 +164,7 @@ def check_data(cfg: PipelineConfig, check_template: bool = True) -> list[str]:
         problems.append(f"quantization.calibration.n_samples is {calibration.n_samples} but "
                         f"{'the training split' if calibration.source == 'train' else repr(calibration.source)} has "
                         f"only {available} rows; lower n_samples to at most {available} or add calibration data")
-    return problems
+    return dataset, problems
 
 
 def quantized_layer_shapes(model_config: dict, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:

@@ -5,20 +5,35 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pipeline.store import (Store, StageCorrupt, find_reusable, index_path, library_versions, materialize, new_scratch,
-                            publish, read_json, read_manifest, stage_key, write_json)
+from pipeline.keys import stage_key
+from pipeline.run import RunContext
+from pipeline.store import (
+    StageCorrupt,
+    Store,
+    find_reusable,
+    index_path,
+    library_versions,
+    materialize,
+    new_scratch,
+    publish,
+    read_json,
+    read_manifest,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StageArtifact:
-    """What a stage hands to the next: where its output lies and what it measured; never tensors."""
+    """What a stage hands to the next: where its output lies, what it measured and what it was built from; never
+    tensors."""
 
     stage: str
     uri: str          # as users write it: a local path or s3://bucket/...
@@ -27,6 +42,7 @@ class StageArtifact:
     reused: bool
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, StageArtifact] = field(default_factory=dict)  # its lineage: input name -> artifact
 
     def summary(self) -> dict[str, Any]:
         return {"uri": self.uri, "key": self.key, "reused": self.reused, "seconds": round(self.seconds, 2),
@@ -42,26 +58,31 @@ def local_copy(store: Store, artifact: StageArtifact) -> Path:
 
 
 def run_stage(
-    store: Store,
-    run_name: str,
+    run: RunContext,
     stage: str,
     determinants: dict[str, Any],
     build: Callable[[Path], dict[str, Any]],
-    inputs: dict[str, StageArtifact] = {},
-    force: bool = False,
+    inputs: dict[str, StageArtifact] | None = None,
 ) -> StageArtifact:
-    """Reuse a complete stage with this key (this run's, or any run's via the index) unless `force`; else
-    `build(scratch_dir) -> metrics` and publish the scratch folder as `<run_name>/<stage>`."""
+    """Reuse a complete stage with this key (this run's, or any run's via the index), else `build(scratch_dir) ->
+    metrics` and publish the scratch folder as `<run>/<stage>`.
+
+    A stage is rebuilt, whatever the store holds, when the run forces it or when one of its inputs was rebuilt in
+    this run: what follows a recomputed stage is measured again.
+    """
     start = time.perf_counter()
+    inputs = inputs or {}
+    store = run.store
     key = stage_key(stage, {**determinants, "inputs": {name: a.key for name, a in inputs.items()}})
-    own = store.path(run_name, stage)
+    own = store.path(run.name, stage)
+    force = stage in run.force or any(not a.reused for a in inputs.values())
     if not force:
         for candidate in _candidates(store, own, stage, key):
             if (manifest := find_reusable(store, candidate, key)) is not None:
                 logger.info("%s: reusing %s (key %s..., built %s)", stage, store.url(candidate), key[:12],
                             manifest.get("created_at"))
                 return StageArtifact(stage, store.url(candidate), candidate, key, True,
-                                     time.perf_counter() - start, manifest["metrics"])
+                                     time.perf_counter() - start, manifest["metrics"], inputs)
     logger.info("%s: building %s (key %s...)", stage, store.url(own), key[:12])
     scratch = new_scratch(store, own)
     try:
@@ -73,12 +94,12 @@ def run_stage(
             "inputs": {name: read_manifest(store, a.store_path) for name, a in inputs.items()},
             "versions": library_versions(),
             "metrics": metrics,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    write_json(store, index_path(store, stage, key), {"stage": stage, "key": key, "run_name": run_name})
-    return StageArtifact(stage, store.url(own), own, key, False, time.perf_counter() - start, metrics)
+    write_json(store, index_path(store, stage, key), {"stage": stage, "key": key, "run_name": run.name})
+    return StageArtifact(stage, store.url(own), own, key, False, time.perf_counter() - start, metrics, inputs)
 
 
 def _candidates(store: Store, own: str, stage: str, key: str) -> list[str]:

@@ -19,10 +19,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -174,21 +175,7 @@ def check_store(store: Store) -> list[str]:
     return []
 
 
-# --- keys and manifests ---------------------------------------------------------------------------------------
-
-def stage_key(stage: str, determinants: dict[str, Any]) -> str:
-    """sha256 of everything that determines a stage's output, canonically serialised."""
-    blob = json.dumps({"stage": stage, **determinants}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def code_version(*modules: Any) -> str:
-    """sha256 of the source of the modules whose code shapes a stage's output."""
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()
-
+# --- manifests ---------------------------------------------------------------------------------------
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()

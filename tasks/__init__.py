@@ -1,1 +1,2 @@
-"""One module per stage: a plain function that does the work, and a thin Prefect task over it."""
+"""One module per stage. Each stage is one function, `stage(run, *input_artifacts) -> StageArtifact`, that runs
+without Prefect; the flow (flows/finetune_then_quantize.py) wraps them as Prefect tasks in one place."""

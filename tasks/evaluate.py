@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from pipeline.base_model import resolve_model_dir
-from pipeline.config import DataConfig, EvaluateConfig, ModelConfig, QuantizationConfig, StoreConfig
-from pipeline.data import IGNORE_INDEX, load_splits, tokenize_example
+from pipeline.config import EvaluateConfig, QuantizationConfig
+from pipeline.data import IGNORE_INDEX, tokenize_example
 from pipeline.gguf_base import is_gguf
+from pipeline.keys import code_version
+from pipeline.report import write_evaluation
+from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
-from pipeline.store import code_version, open_store
+from tasks.data import read_data
 
 logger = logging.getLogger(__name__)
 MODELS = ("base", "merged", "rtn", "gptq")
@@ -120,10 +121,10 @@ def score_model(model, tokenizer, rows: list[dict], form: str, cfg: EvaluateConf
     model.eval()
     examples = [tokenize_example(r, form, tokenizer, max_length) for r in rows]
     result: dict[str, Any] = {"perplexity": perplexity(model, examples, cfg.batch_size)}
-    prompts, references = zip(*(split_prompt(r, form) for r in rows))
+    prompts, references = zip(*(split_prompt(r, form) for r in rows), strict=True)
     if all(ref is not None for ref in references):
         answers = greedy_answers(model, tokenizer, list(prompts), form, cfg.max_new_tokens, cfg.batch_size)
-        result["exact_match"] = 100.0 * sum(a == ref.strip() for a, ref in zip(answers, references)) / len(rows)
+        result["exact_match"] = 100.0 * sum(a == ref.strip() for a, ref in zip(answers, references, strict=True)) / len(rows)
         result["answers"] = answers
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
@@ -157,9 +158,9 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def write_report(out_dir: Path, scores: dict, rows: list[dict], form: str, sizes: dict[str, int], notes: list[str],
-                 cfg: EvaluateConfig, training_log: list[dict]) -> dict[str, Any]:
-    """metrics.json, report.md and training_loss.png in out_dir; returns the metrics."""
+def evaluation_metrics(scores: dict, rows: list[dict], form: str, sizes: dict[str, int], notes: list[str],
+                       cfg: EvaluateConfig) -> dict[str, Any]:
+    """metrics.json's content: each model's figures and size, notes, and the first `samples_shown` answers."""
     models = {name: {k: v for k, v in s.items() if k != "answers"} | {"size_bytes": sizes.get(name)}
               for name, s in scores.items()}
     samples = []
@@ -168,88 +169,38 @@ def write_report(out_dir: Path, scores: dict, rows: list[dict], form: str, sizes
         shown = prompt[-1]["content"] if form == "chat" else prompt
         samples.append({"prompt": shown, "reference": reference,
                         **{name: s["answers"][i] for name, s in scores.items() if "answers" in s}})
-    metrics = {"models": models, "eval_rows": len(rows), "notes": notes, "samples": samples}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_loss(training_log, out_dir / "training_loss.png")
-    (out_dir / "report.md").write_text(render_report(metrics))
-    return metrics
+    return {"models": models, "eval_rows": len(rows), "notes": notes, "samples": samples}
 
 
-def metrics_table(models: dict[str, dict]) -> str:
-    lines = ["| model | perplexity | exact match | size on disk | seconds |", "| --- | --- | --- | --- | --- |"]
-    for name, m in models.items():
-        em = f"{m['exact_match']:.1f}%" if m.get("exact_match") is not None else "–"
-        size = f"{m['size_bytes'] / 2**20:.1f} MiB" if m.get("size_bytes") else "–"
-        lines.append(f"| {name} | {m['perplexity']:.3f} | {em} | {size} | {m['seconds']:.0f} |")
-    return "\n".join(lines)
+def evaluate(run: RunContext, data: StageArtifact, quantized: StageArtifact) -> StageArtifact:
+    """Evaluate into `<store>/<run>/evaluate/`, or reuse an evaluation of the same models with the same config.
 
-
-def render_report(metrics: dict) -> str:
-    parts = [f"# Evaluation on {metrics['eval_rows']} held-out rows", "", metrics_table(metrics["models"]), ""]
-    parts += [f"> {note}" for note in metrics["notes"]] + [""]
-    if metrics["samples"]:
-        names = [k for k in metrics["samples"][0] if k not in ("prompt", "reference")]
-        parts += ["## Samples", "", "| prompt | reference | " + " | ".join(names) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
-        for s in metrics["samples"]:
-            cells = [s["prompt"], s["reference"]] + [s[n] for n in names]
-            parts.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    parts += ["", "Training loss: `training_loss.png`", ""]
-    return "\n".join(parts)
-
-
-def plot_loss(training_log: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    points = [(e["step"], e["loss"]) for e in training_log if "loss" in e]
-    if points:
-        ax.plot(*zip(*points), marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("LoRA fine-tune")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def evaluate_stage(model: ModelConfig, data: DataConfig, evaluate: EvaluateConfig, quant: QuantizationConfig,
-                   adapter: StageArtifact, merged: StageArtifact, quantized: StageArtifact, store_cfg: StoreConfig,
-                   run_name: str, force: bool = False) -> StageArtifact:
-    """Evaluate into `<store>/<run_name>/evaluate/`, or reuse an evaluation of the same models with the same config."""
-    import sys
-
-    store = open_store(store_cfg.uri, store_cfg.credentials_block)
-    determinants = {"evaluate": evaluate.model_dump(), "rtn": {"bits": quant.bits, "group_size": quant.group_size,
-                    "sym": quant.sym}, "data": data.model_dump(), "code": code_version(sys.modules[__name__])}
+    The merged model and the adapter's training log come from the quantized model's lineage (`inputs`).
+    """
+    cfg, quant = run.cfg.evaluate, run.cfg.quantization
+    merged = quantized.inputs["merged"]
+    adapter = merged.inputs["adapter"]
+    determinants = {"evaluate": cfg.model_dump(), "rtn": {"bits": quant.bits, "group_size": quant.group_size,
+                    "sym": quant.sym}, "max_length": run.cfg.data.max_length, "code": code_version(__name__)}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        splits = load_splits(data)
-        rows = splits.eval[: evaluate.max_samples]
+        dataset = read_data(run, data)
+        rows = dataset.eval[: cfg.max_samples]
+        model = run.cfg.model
         dirs = {"base": resolve_model_dir(model.name_or_path, model.revision),
-                "merged": local_copy(store, merged), "gptq": local_copy(store, quantized)}
-        scores = evaluate_models(dirs["base"], dirs["merged"], dirs["gptq"], rows, splits.form, evaluate, quant,
-                                 data.max_length)
-        sizes = {"base": folder_bytes(dirs["base"]), "merged": folder_bytes(dirs["merged"]),
-                 "gptq": folder_bytes(dirs["gptq"])}
+                "merged": local_copy(run.store, merged), "gptq": local_copy(run.store, quantized)}
+        scores = evaluate_models(dirs["base"], dirs["merged"], dirs["gptq"], rows, dataset.form, cfg, quant,
+                                 run.cfg.data.max_length)
+        sizes = {name: folder_bytes(folder) for name, folder in dirs.items()}
         notes = []
         if is_gguf(model.name_or_path):
             source = json.loads((dirs["base"] / "DEQUANTIZED_FROM.json").read_text())
             notes.append(f"The base was dequantized from a GGUF ({source['gguf']}, {source['quantization']}): its "
                          f"quality, and so every model's here, is bounded by that quantization.")
-        training_log = json.loads((local_copy(store, adapter) / "training_log.json").read_text())
-        return write_report(out_dir, scores, rows, splits.form, sizes, notes, evaluate, training_log)
+        metrics = evaluation_metrics(scores, rows, dataset.form, sizes, notes, cfg)
+        training_log = json.loads((local_copy(run.store, adapter) / "training_log.json").read_text())
+        write_evaluation(out_dir, metrics, training_log)
+        return metrics
 
-    return run_stage(store, run_name, "evaluate", determinants, build,
-                     inputs={"adapter": adapter, "merged": merged, "quantized": quantized}, force=force)
-
-
-@task(name="evaluate")
-def evaluate(model: ModelConfig, data: DataConfig, evaluate_cfg: EvaluateConfig, quant: QuantizationConfig,
-             adapter: StageArtifact, merged: StageArtifact, quantized: StageArtifact, store: StoreConfig,
-             run_name: str, force: bool = False) -> StageArtifact:
-    return evaluate_stage(model, data, evaluate_cfg, quant, adapter, merged, quantized, store, run_name, force)
+    return run_stage(run, "evaluate", determinants, build,
+                     inputs={"data": data, "adapter": adapter, "merged": merged, "quantized": quantized})

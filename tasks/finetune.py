@@ -10,25 +10,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-import pipeline.data
-from pipeline.cache import cache_root
 from pipeline.base_model import resolve_model_dir
+from pipeline.cache import cache_root
 from pipeline.checkpoints import CheckpointSync, restore_latest
-from pipeline.config import DataConfig, LoraConfig, ModelConfig, StoreConfig, TrainingConfig
-from pipeline.data import load_splits, tokenize_example
+from pipeline.config import LoraConfig, TrainingConfig
+from pipeline.data import Dataset, tokenize_example
 from pipeline.errors import StageCheckError
+from pipeline.keys import code_version, stage_key
+from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, run_stage
-from pipeline.store import code_version, describe_files, open_store, retrying, stage_key
+from pipeline.store import describe_files, retrying
+from tasks.data import read_data
 
 logger = logging.getLogger(__name__)
 
 
-def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
+def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConfig, training: TrainingConfig,
                out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None,
                trust_remote_code: bool = False) -> dict[str, Any]:
-    """Train a LoRA adapter on `base_dir`, write it to `out_dir`, return eval losses before and after.
+    """Train a LoRA adapter on `base_dir` with `dataset` (examples cut to `max_length` tokens), write it to
+    `out_dir`, return eval losses before and after.
 
     Checkpoints go to `checkpoint_dir` every `save_steps`, and with `sync` to the store as well; training resumes
     from the newest complete one (the store's, restored into `checkpoint_dir`, else the folder's own).
@@ -36,8 +37,15 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
-                              Trainer, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
     from transformers.trainer_utils import get_last_checkpoint
 
     from pipeline.progress import ProgressLogger
@@ -46,12 +54,11 @@ def train_lora(base_dir: Path, data: DataConfig, lora: LoraConfig, training: Tra
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    splits = load_splits(data)
-    train_set = [tokenize_example(r, splits.form, tokenizer, data.max_length) for r in splits.train]
-    eval_set = [tokenize_example(r, splits.form, tokenizer, data.max_length) for r in splits.eval]
+    train_set = [tokenize_example(r, dataset.form, tokenizer, max_length) for r in dataset.train]
+    eval_set = [tokenize_example(r, dataset.form, tokenizer, max_length) for r in dataset.eval]
     n_tokens = sum(sum(label != -100 for label in ex["labels"]) for ex in train_set)
     logger.info("data: %s form, %d train / %d eval examples, %d trained tokens per epoch",
-                splits.form, len(train_set), len(eval_set), n_tokens)
+                dataset.form, len(train_set), len(eval_set), n_tokens)
 
     on_gpu = torch.cuda.is_available()
     bf16 = training.precision == "bf16" or (training.precision == "auto" and on_gpu)
@@ -170,40 +177,31 @@ def fused_kernels_available(setting: str, on_gpu: bool) -> bool:
     return setting != "off" and on_gpu and importlib.util.find_spec("liger_kernel") is not None
 
 
-def finetune_stage(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
-                   store_cfg: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
-    """Fine-tune into `<store>/<run_name>/finetune/`, or reuse a stage built from the same base files, data,
-    config and code. Checkpoints live in `<store>/<run_name>/.work/` until the adapter is published."""
-    import sys
-
-    store = open_store(store_cfg.uri, store_cfg.credentials_block)
+def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
+    """Fine-tune into `<store>/<run>/finetune/`, or reuse a stage built from the same base files, data, config and
+    code. Checkpoints live in `<store>/<run>/.work/` until the adapter is published."""
+    model, store = run.cfg.model, run.store
     base_dir = resolve_model_dir(model.name_or_path, model.revision)
-    splits = load_splits(data)
     determinants = {
         "base": {"name_or_path": model.name_or_path,
                  "files": {k: v["sha256"] for k, v in describe_files(base_dir).items()}},
-        "data": {**data.model_dump(), "content": stage_key("data", {"train": splits.train, "eval": splits.eval})},
-        "lora": lora.model_dump(),
-        "training": training.model_dump(),
-        "code": code_version(sys.modules[__name__], pipeline.data),
+        "max_length": run.cfg.data.max_length,
+        "lora": run.cfg.lora.model_dump(),
+        "training": run.cfg.training.model_dump(),
+        "code": code_version(__name__),
     }
-    work = store.path(run_name, ".work", f"finetune-{stage_key('finetune', determinants)[:16]}")
+    work = store.path(run.name, ".work", f"finetune-{stage_key('finetune', {**determinants, 'data': data.key})[:16]}")
     local_checkpoints = cache_root() / "scratch" / f"checkpoints-{os.getpid()}-{time.time_ns()}"
 
     def build(out_dir: Path) -> dict[str, Any]:
-        return train_lora(base_dir, data, lora, training, out_dir, local_checkpoints, CheckpointSync(store, work),
+        return train_lora(base_dir, read_data(run, data), run.cfg.data.max_length, run.cfg.lora, run.cfg.training,
+                          out_dir, local_checkpoints, CheckpointSync(store, work),
                           trust_remote_code=model.trust_remote_code)
 
     try:
-        artifact = run_stage(store, run_name, "finetune", determinants, build, force=force)
+        artifact = run_stage(run, "finetune", determinants, build, inputs={"data": data})
     finally:
         shutil.rmtree(local_checkpoints, ignore_errors=True)
     if retrying("checking checkpoints", lambda: store.fs.exists(work)):
         retrying("removing spent checkpoints", lambda: store.fs.rm(work, recursive=True))  # the adapter is published
     return artifact
-
-
-@task(name="finetune")
-def finetune(model: ModelConfig, data: DataConfig, lora: LoraConfig, training: TrainingConfig,
-             store: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
-    return finetune_stage(model, data, lora, training, store, run_name, force)

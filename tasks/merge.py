@@ -6,14 +6,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from pipeline.base_model import resolve_model_dir
-from pipeline.config import DataConfig, MergeConfig, ModelConfig, StoreConfig
-from pipeline.data import load_splits, tokenize_example
+from pipeline.config import MergeConfig
+from pipeline.data import tokenize_example
 from pipeline.errors import StageCheckError
+from pipeline.keys import code_version
+from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
-from pipeline.store import code_version, open_store
+from tasks.data import read_data
 
 logger = logging.getLogger(__name__)
 
@@ -84,29 +84,22 @@ def _pad(sequences: list[list[int]], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def merge_stage(model: ModelConfig, data: DataConfig, merge: MergeConfig, adapter: StageArtifact,
-                store_cfg: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
-    """Merge into `<store>/<run_name>/merge/`, or reuse a merge of the same adapter with the same config and code."""
-    import sys
-
+def merge(run: RunContext, data: StageArtifact, adapter: StageArtifact) -> StageArtifact:
+    """Merge into `<store>/<run>/merge/`, or reuse a merge of the same adapter with the same config and code. The
+    check compares merged and adapter logits on the first `merge.check_samples` eval rows."""
     from transformers import AutoTokenizer
 
-    store = open_store(store_cfg.uri, store_cfg.credentials_block)
+    model, merge_cfg = run.cfg.model, run.cfg.merge
 
     def build(out_dir: Path) -> dict[str, Any]:
         base_dir = resolve_model_dir(model.name_or_path, model.revision)
-        adapter_dir = local_copy(store, adapter)
+        adapter_dir = local_copy(run.store, adapter)
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        splits = load_splits(data)
-        rows = splits.eval[: merge.check_samples]
-        check_inputs = [tokenize_example(r, splits.form, tokenizer, data.max_length)["input_ids"] for r in rows]
-        return merge_adapter(base_dir, adapter_dir, out_dir, merge, check_inputs, model.trust_remote_code)
+        dataset = read_data(run, data)
+        check_inputs = [tokenize_example(row, dataset.form, tokenizer, run.cfg.data.max_length)["input_ids"]
+                        for row in dataset.eval[: merge_cfg.check_samples]]
+        return merge_adapter(base_dir, adapter_dir, out_dir, merge_cfg, check_inputs, model.trust_remote_code)
 
-    determinants = {"merge": merge.model_dump(), "code": code_version(sys.modules[__name__])}
-    return run_stage(store, run_name, "merge", determinants, build, inputs={"adapter": adapter}, force=force)
-
-
-@task(name="merge")
-def merge(model: ModelConfig, data: DataConfig, merge_cfg: MergeConfig, adapter: StageArtifact,
-          store: StoreConfig, run_name: str, force: bool = False) -> StageArtifact:
-    return merge_stage(model, data, merge_cfg, adapter, store, run_name, force)
+    determinants = {"merge": merge_cfg.model_dump(), "max_length": run.cfg.data.max_length,
+                    "code": code_version(__name__)}
+    return run_stage(run, "merge", determinants, build, inputs={"adapter": adapter, "data": data})

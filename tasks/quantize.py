@@ -10,31 +10,31 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from prefect import task
-
-from pipeline.config import CalibrationConfig, DataConfig, QuantizationConfig, StoreConfig
-from pipeline.data import detect_form, load_rows, load_splits, render_text
+from pipeline.config import CalibrationConfig, QuantizationConfig
+from pipeline.data import Dataset, detect_form, load_rows, render_text
 from pipeline.errors import StageCheckError
+from pipeline.keys import code_version, stage_key
+from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
-from pipeline.store import code_version, open_store, stage_key
+from tasks.data import read_data
 
 logger = logging.getLogger(__name__)
 
 
-def calibration_rows(calibration: CalibrationConfig, data: DataConfig) -> tuple[list[dict], str]:
-    """The rows GPTQ calibrates on and their form: training rows, or a file's/dataset's rows, seeded sample."""
+def calibration_rows(calibration: CalibrationConfig, dataset: Dataset, seed: int) -> tuple[list[dict], str]:
+    """The rows GPTQ calibrates on and their form: the training rows, or a file's/dataset's rows; a seeded sample."""
     if calibration.source == "train":
-        splits = load_splits(data)
-        rows, form = splits.train, splits.form
+        rows, form = dataset.train, dataset.form
     else:
         rows = load_rows(calibration.source)
         form = detect_form(set(rows[0]), "auto")
     rows = rows[:]
-    random.Random(data.seed).shuffle(rows)
+    random.Random(seed).shuffle(rows)
     return rows[: calibration.n_samples], form
 
 
@@ -84,6 +84,7 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
         model.quantize(calibration, batch_size=quant.calibration.batch_size, calibration_sort="desc")
     model.save(str(out_dir))
     del model
+    drop_machine_paths(Path(out_dir))
     # gptqmodel's saved generation_config may turn sampling on; ship the merged model's, as trained.
     if (Path(merged_dir) / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(merged_dir).save_pretrained(out_dir)
@@ -91,6 +92,19 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
     smoke = generate_smoke(Path(out_dir), quant.smoke_prompt)
     return {**layout, **smoke, "calibration_samples": len(calibration),
             "calibration_tokens": sum(map(len, calibration)), "calibration_tokens_given": tokens}
+
+
+def drop_machine_paths(out_dir: Path) -> None:
+    """gptqmodel records its offload folder (`/tmp/gptqmodel_...`, this machine's) in the quantize config's `meta`;
+    a shipped checkpoint carries no path of the machine that built it."""
+    for name, section in (("quantize_config.json", None), ("config.json", "quantization_config")):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text())
+        quantize_config = config.get(section, {}) if section else config
+        if quantize_config.get("meta", {}).pop("offload_to_disk_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def check_gptq_v1(out_dir: Path, quant: QuantizationConfig) -> dict[str, Any]:
@@ -142,31 +156,20 @@ def _gptq_logs_into(folder: Path) -> Iterator[None]:
         loop_processor._PROJECT_LOG_DIR = previous
 
 
-def quantize_stage(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, store_cfg: StoreConfig,
-                   run_name: str, force: bool = False) -> StageArtifact:
-    """Quantize into `<store>/<run_name>/quantize/`, or reuse a quantization of the same merged model with the same
+def quantize(run: RunContext, data: StageArtifact, merged: StageArtifact) -> StageArtifact:
+    """Quantize into `<store>/<run>/quantize/`, or reuse a quantization of the same merged model with the same
     config, calibration texts and code."""
-    import sys
-
     from transformers import AutoTokenizer
 
-    import pipeline.data
-
-    store = open_store(store_cfg.uri, store_cfg.credentials_block)
-    rows, form = calibration_rows(quant.calibration, data)
+    quant = run.cfg.quantization
+    rows, form = calibration_rows(quant.calibration, read_data(run, data), run.cfg.data.seed)
     determinants = {"quantization": quant.model_dump(), "calibration": stage_key("calibration", {"rows": rows}),
-                    "code": code_version(sys.modules[__name__], pipeline.data)}
+                    "code": code_version(__name__)}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        merged_dir = local_copy(store, merged)
+        merged_dir = local_copy(run.store, merged)
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
         ids = calibration_ids(rows, form, tokenizer, quant.calibration.max_length)
         return quantize_gptq(merged_dir, out_dir, quant, ids)
 
-    return run_stage(store, run_name, "quantize", determinants, build, inputs={"merged": merged}, force=force)
-
-
-@task(name="quantize")
-def quantize(data: DataConfig, quant: QuantizationConfig, merged: StageArtifact, store: StoreConfig, run_name: str,
-             force: bool = False) -> StageArtifact:
-    return quantize_stage(data, quant, merged, store, run_name, force)
+    return run_stage(run, "quantize", determinants, build, inputs={"merged": merged})

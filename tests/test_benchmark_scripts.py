@@ -9,7 +9,11 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 
 def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:

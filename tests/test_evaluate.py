@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, GateConfig
-from pipeline.data import load_splits, tokenize_example
+from pipeline.data import read_dataset, tokenize_example
 from pipeline.gate import check_gate
 from tasks.evaluate import greedy_answers, perplexity, rtn_quantize_, rtn_weight, score_model, split_prompt
 
@@ -35,8 +35,8 @@ def tiny(tiny_base):
 
 @pytest.fixture(scope="module")
 def smoke_eval():
-    splits = load_splits(DataConfig(path="data/smoke_chat.jsonl"))
-    return splits.eval[:6], splits.form
+    dataset = read_dataset(DataConfig(path="data/smoke_chat.jsonl"))
+    return dataset.eval[:6], dataset.form
 
 
 def test_perplexity_is_exp_of_mean_nll_on_completion_tokens(tiny, smoke_eval):
@@ -59,12 +59,12 @@ def test_exact_match_of_a_model_on_its_own_outputs_is_100(tiny, smoke_eval):
     rows, form = smoke_eval
     prompts = [split_prompt(r, form)[0] for r in rows]
     own = greedy_answers(model, tokenizer, prompts, form, max_new_tokens=6, batch_size=4)
-    relabelled = [{"messages": p + [{"role": "assistant", "content": a}]} for p, a in zip(prompts, own)]
+    relabelled = [{"messages": p + [{"role": "assistant", "content": a}]} for p, a in zip(prompts, own, strict=True)]
     result = score_model(model, tokenizer, relabelled, form, EvaluateConfig(max_new_tokens=6, batch_size=3), 128)
     assert result["exact_match"] == 100.0
     references = [split_prompt(r, form)[1] for r in rows]
     assert score_model(model, tokenizer, rows, form, EvaluateConfig(max_new_tokens=6), 128)["exact_match"] == \
-        100.0 * sum(a == r for a, r in zip(own, references)) / len(rows)
+        100.0 * sum(a == r for a, r in zip(own, references, strict=True)) / len(rows)
 
 
 def test_rtn_model_changes_every_linear_but_the_head(tiny_base):

@@ -8,6 +8,31 @@ import pytest
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
+FAST = ["training.max_steps=4", "merge.check_samples=1", "quantization.calibration.n_samples=8"]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count how often preflight runs and how often the training data's source is read, wherever it happens."""
+    import flows.cli
+    import flows.finetune_then_quantize
+    import pipeline.data
+
+    counts = {"preflight": 0, "source reads": 0}
+    real_preflight, real_load_rows = flows.cli.preflight, pipeline.data.load_rows
+
+    def preflight(cfg):
+        counts["preflight"] += 1
+        return real_preflight(cfg)
+
+    def load_rows(source, *args, **kwargs):
+        counts["source reads"] += source.endswith("smoke_chat.jsonl")
+        return real_load_rows(source, *args, **kwargs)
+
+    for module in (flows.cli, flows.finetune_then_quantize):
+        monkeypatch.setattr(module, "preflight", preflight)
+    monkeypatch.setattr(pipeline.data, "load_rows", load_rows)
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +43,15 @@ def prefect_harness():
         yield
 
 
-def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path):
+def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path, counted):
     from flows.finetune_then_quantize import finetune_then_quantize
 
     path = Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e"))
+    assert counted == {"preflight": 1, "source reads": 1}, "the flow (as the UI runs it) checks and reads once"
     assert path == tmp_path / "e2e" / "run.json"
     run = json.loads(path.read_text())
-    assert run["status"] == "completed"
-    assert list(run["stages"]) == ["finetune", "merge", "quantize", "evaluate", "release"]
+    assert run["status"] == "completed" and run["failed_stage"] is None and run["error"] is None
+    assert list(run["stages"]) == ["data", "finetune", "merge", "quantize", "evaluate", "release"]
     for name, stage in run["stages"].items():
         assert stage["reused"] is False and stage["seconds"] > 0
         assert Path(stage["uri"]) == tmp_path / "e2e" / name and (Path(stage["uri"]) / "manifest.json").is_file()
@@ -39,8 +65,19 @@ def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path):
 
     forced = json.loads(Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e",
                                                     force=["quantize"])).read_text())
-    assert [forced["stages"][s]["reused"] for s in ("finetune", "merge", "quantize", "evaluate")] == \
-        [True, True, False, False]
+    assert [forced["stages"][s]["reused"] for s in ("data", "finetune", "merge", "quantize", "evaluate")] == \
+        [True, True, True, False, False]
+
+
+def test_cli_checks_and_reads_the_data_once_per_run(prefect_harness, tmp_path, counted, capsys):
+    from flows.cli import main
+
+    overrides = [arg for override in FAST for arg in ("--set", override)]
+    assert main(["--config", "smoke", "--store", str(tmp_path), *overrides]) == 0
+    assert counted == {"preflight": 1, "source reads": 1}
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"run summary: {tmp_path / 'smoke' / 'run.json'}"
+    run = json.loads((tmp_path / "smoke" / "run.json").read_text())
+    assert run["status"] == "completed" and run["config"]["training"]["max_steps"] == 4
 
 
 def test_cli_smoke_writes_gptq_checkpoint_and_ends_with_run_summary(tmp_path):
@@ -61,8 +98,8 @@ def test_cli_failure_exits_1_keeps_finished_stages_and_records_the_error(tmp_pat
     assert "the run failed in merge: StageCheckError" in result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"run summary: {tmp_path / 'smoke' / 'run.json'}"
     run = json.loads((tmp_path / "smoke" / "run.json").read_text())
-    assert run["status"] == "failed" and "merge.logits_atol" in run["error"]
-    assert list(run["stages"]) == ["finetune"]
+    assert run["status"] == "failed" and "merge.logits_atol" in run["error"] and run["failed_stage"] == "merge"
+    assert list(run["stages"]) == ["data", "finetune"]
     assert (tmp_path / "smoke" / "finetune" / "manifest.json").is_file()
     assert not (tmp_path / "smoke" / "merge").exists()
     assert not list((tmp_path / "smoke").glob(".merge.partial-*"))
@@ -91,6 +128,6 @@ def test_report_metrics_model_card_and_latest_pointer(tmp_path):
     assert tight.returncode == 1
     assert "failed the quality gate" in tight.stderr and "below gate.min_exact_match 100.0%" in tight.stderr
     failed = json.loads((tmp_path / "tight" / "run.json").read_text())
-    assert failed["status"] == "failed" and "QualityGateError" in failed["error"]
+    assert failed["status"] == "failed" and "QualityGateError" in failed["error"] and failed["failed_stage"] == "gate"
     assert "release" not in failed["stages"] and not (tmp_path / "tight" / "release").exists()
     assert json.loads((tmp_path / "latest.json").read_text())["uri"] == str(release)

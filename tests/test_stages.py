@@ -1,4 +1,4 @@
-"""The three stage functions run without Prefect on the tiny model: real training, merge, GPTQ and reload."""
+"""The stage functions run without Prefect on the tiny model: real data stage, training, merge, GPTQ and reload."""
 
 import json
 from pathlib import Path
@@ -8,10 +8,13 @@ import torch
 from safetensors import safe_open
 
 from pipeline.config import load_config
-from pipeline.store import open_store, read_manifest, sha256_file
-from tasks.finetune import finetune_stage, train_lora
-from tasks.merge import merge_stage
-from tasks.quantize import quantize_stage
+from pipeline.data import load_dataset, read_dataset
+from pipeline.run import open_run
+from pipeline.store import read_manifest, sha256_file
+from tasks.data import prepare_data
+from tasks.finetune import finetune, train_lora
+from tasks.merge import merge
+from tasks.quantize import quantize
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +23,53 @@ def cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def store(cfg):
-    return open_store(cfg.store.uri)
+def run(cfg):
+    return open_run(cfg)
 
 
 @pytest.fixture(scope="module")
-def adapter(cfg):
-    return finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, cfg.store, cfg.run_name)
+def store(run):
+    return run.store
 
 
 @pytest.fixture(scope="module")
-def merged(cfg, adapter):
-    return merge_stage(cfg.model, cfg.data, cfg.merge, adapter, cfg.store, cfg.run_name)
+def dataset(cfg):
+    return read_dataset(cfg.data)
 
 
 @pytest.fixture(scope="module")
-def quantized(cfg, merged):
-    return quantize_stage(cfg.data, cfg.quantization, merged, cfg.store, cfg.run_name)
+def data(run, dataset):
+    return prepare_data(run, dataset)
+
+
+@pytest.fixture(scope="module")
+def adapter(run, data):
+    return finetune(run, data)
+
+
+@pytest.fixture(scope="module")
+def merged(run, data, adapter):
+    return merge(run, data, adapter)
+
+
+@pytest.fixture(scope="module")
+def quantized(run, data, merged):
+    return quantize(run, data, merged)
+
+
+def test_data_stage_publishes_the_rows_as_read_keyed_by_content(run, dataset, data, write_jsonl):
+    folder = Path(data.uri)
+    assert folder == Path(run.store.root) / "smoke" / "data" and not data.reused
+    assert load_dataset(folder) == dataset and len(dataset.train) == 216 and len(dataset.eval) == 24
+    info = json.loads((folder / "dataset.json").read_text())
+    assert info == {"form": "chat", "train_rows": 216, "eval_rows": 24, "content_key": dataset.key}
+    first = json.loads((folder / "train.jsonl").read_text().splitlines()[0])
+    assert first == dataset.train[0] and first["messages"][-1]["role"] == "assistant"
+    # The same rows under another file name: the same key, so the stage (and all that follows) is reused.
+    copy = write_jsonl("renamed.jsonl", [json.loads(line) for line in Path("data/smoke_chat.jsonl").read_text().splitlines()])
+    renamed = open_run(run.cfg.model_copy(update={"data": run.cfg.data.model_copy(update={"path": str(copy)})}))
+    again = prepare_data(renamed, read_dataset(renamed.cfg.data))
+    assert again.reused and again.key == data.key and again.uri == data.uri
 
 
 def test_finetune_lowers_eval_loss(adapter):
@@ -105,6 +138,9 @@ def test_gptq_checkpoint_is_standard_v1_int4(quantized, cfg):
     assert (zeros == 0x77777777).all()
     assert not any(k.startswith("lm_head") for k in keys)
     assert (Path(quantized.uri) / "gptq_logs").is_dir() and not Path("logs").exists()
+    for name in ("config.json", "quantize_config.json"):  # no path of the machine that built it
+        config = (Path(quantized.uri) / name).read_text()
+        assert "offload_to_disk_path" not in config and "gptqmodel_" not in config and '"/tmp' not in config
 
 
 def test_gptq_reloads_with_transformers_generates_and_tracks_the_merged_model(quantized, merged):
@@ -122,30 +158,41 @@ def test_gptq_reloads_with_transformers_generates_and_tracks_the_merged_model(qu
     assert correlation > 0.9, f"int4 logits barely track the merged model's (correlation {correlation:.3f})"
 
 
-def test_rerun_reuses_and_corruption_is_rebuilt(cfg, store, adapter, merged, quantized):
-    again = finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, cfg.store, cfg.run_name)
-    assert again.reused and again.key == adapter.key and again.metrics == adapter.metrics
-    other_run = finetune_stage(cfg.model, cfg.data, cfg.lora, cfg.training, cfg.store, "another-run")
-    assert other_run.reused and other_run.uri == adapter.uri, "a second run reuses the first run's stage"
-    changed = cfg.lora.model_copy(update={"r": 4})
-    assert finetune_stage(cfg.model, cfg.data, changed, cfg.training, cfg.store, "other").key != adapter.key
+def test_rerun_reuses_and_corruption_is_rebuilt(run, dataset, store, data, adapter, merged, quantized):
+    data_again = prepare_data(run, dataset)
+    again = finetune(run, data_again)
+    assert data_again.reused and again.reused and again.key == adapter.key and again.metrics == adapter.metrics
+    other_run = open_run(run.cfg.model_copy(update={"run_name": "another-run"}))
+    other = finetune(other_run, prepare_data(other_run, dataset))
+    assert other.reused and other.uri == adapter.uri, "a second run reuses the first run's stage"
     weights = Path(merged.uri) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
-    rebuilt = merge_stage(cfg.model, cfg.data, cfg.merge, adapter, cfg.store, cfg.run_name)
+    rebuilt = merge(run, data_again, again)  # its inputs were reused: only the damage makes it rebuild
     assert not rebuilt.reused and rebuilt.key == merged.key
     assert sha256_file(weights) == read_manifest(store, merged.store_path)["files"]["model.safetensors"]["sha256"]
+    assert merge(run, data_again, again).reused
 
 
-def test_training_resumes_from_its_last_checkpoint(cfg, tiny_base, tmp_path):
+def test_forcing_a_stage_rebuilds_it_and_what_follows(run, dataset, quantized):
+    forced = open_run(run.cfg, force=["merge"])
+    data = prepare_data(forced, dataset)
+    adapter = finetune(forced, data)
+    merged = merge(forced, data, adapter)
+    assert (data.reused, adapter.reused, merged.reused) == (True, True, False)
+    requantized = quantize(forced, data, merged)
+    assert not requantized.reused and requantized.key == quantized.key, "same inputs, same key, built again"
+
+
+def test_training_resumes_from_its_last_checkpoint(cfg, dataset, tiny_base, tmp_path):
     short = cfg.training.model_copy(update={"max_steps": 10, "save_steps": 5})
-    first = train_lora(tiny_base, cfg.data, cfg.lora, short, tmp_path / "a", tmp_path / "ckpt")
+    first = train_lora(tiny_base, dataset, cfg.data.max_length, cfg.lora, short, tmp_path / "a", tmp_path / "ckpt")
     assert first["resumed_from"] is None and (tmp_path / "ckpt" / "checkpoint-10").is_dir()
     longer = short.model_copy(update={"max_steps": 20})
-    second = train_lora(tiny_base, cfg.data, cfg.lora, longer, tmp_path / "b", tmp_path / "ckpt")
+    second = train_lora(tiny_base, dataset, cfg.data.max_length, cfg.lora, longer, tmp_path / "b", tmp_path / "ckpt")
     assert second["resumed_from"] == "checkpoint-10" and second["steps"] == 20
 
 
-def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, tiny_base, tmp_path):
+def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, dataset, tiny_base, tmp_path):
     """Packed rows restart their position ids, so attention never crosses examples: per-step losses are the padded
     run's (fp32), on the same real tokens; a leaking mask would move them (measured 0.68 in logits)."""
     no_dropout = cfg.lora.model_copy(update={"lora_dropout": 0.0})
@@ -153,8 +200,8 @@ def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, tiny_base,
     runs = {}
     for packing in (False, True):
         out = tmp_path / f"packing-{packing}"
-        metrics = train_lora(tiny_base, cfg.data, no_dropout, steps.model_copy(update={"packing": packing}), out,
-                             tmp_path / f"ckpt-{packing}")
+        metrics = train_lora(tiny_base, dataset, cfg.data.max_length, no_dropout,
+                             steps.model_copy(update={"packing": packing}), out, tmp_path / f"ckpt-{packing}")
         runs[packing] = metrics, [e["loss"] for e in json.loads((out / "training_log.json").read_text())]
     (padded, padded_losses), (packed, packed_losses) = runs[False], runs[True]
     assert packed["packing"] and packed["train_tokens"] == padded["train_tokens"] > 0

@@ -111,7 +111,8 @@ def test_credentials_from_a_prefect_secret_block(s3, tmp_path, monkeypatch):
     from prefect.blocks.system import Secret
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipeline.store import open_store, read_json as store_read, write_json
+    from pipeline.store import open_store, write_json
+    from pipeline.store import read_json as store_read
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)

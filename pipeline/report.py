@@ -1,0 +1,113 @@
+"""Every report the pipeline writes, in one place: the metrics table, the evaluation's metrics.json, report.md and
+training-loss plot, the release's model card, and the run report shown on the flow run's page in the Prefect UI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.summary import RunSummary
+
+
+def metrics_table(models: dict[str, dict]) -> str:
+    """base / merged / RTN / GPTQ side by side, as a markdown table."""
+    lines = ["| model | perplexity | exact match | size on disk | seconds |", "| --- | --- | --- | --- | --- |"]
+    for name, m in models.items():
+        em = f"{m['exact_match']:.1f}%" if m.get("exact_match") is not None else "–"
+        size = f"{m['size_bytes'] / 2**20:.1f} MiB" if m.get("size_bytes") else "–"
+        lines.append(f"| {name} | {m['perplexity']:.3f} | {em} | {size} | {m['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_evaluation(out_dir: Path, metrics: dict[str, Any], training_log: list[dict]) -> None:
+    """The evaluate stage's files: metrics.json, report.md and training_loss.png."""
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_loss(training_log, out_dir / "training_loss.png")
+    (out_dir / "report.md").write_text(render_evaluation(metrics))
+
+
+def render_evaluation(metrics: dict) -> str:
+    parts = [f"# Evaluation on {metrics['eval_rows']} held-out rows", "", metrics_table(metrics["models"]), ""]
+    parts += [f"> {note}" for note in metrics["notes"]] + [""]
+    if metrics["samples"]:
+        names = [k for k in metrics["samples"][0] if k not in ("prompt", "reference")]
+        parts += ["## Samples", "", "| prompt | reference | " + " | ".join(names) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for s in metrics["samples"]:
+            cells = [s["prompt"], s["reference"]] + [s[n] for n in names]
+            parts.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    parts += ["", "Training loss: `training_loss.png`", ""]
+    return "\n".join(parts)
+
+
+def plot_loss(training_log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    points = [(e["step"], e["loss"]) for e in training_log if "loss" in e]
+    if points:
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA fine-tune")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def model_card(cfg: PipelineConfig, metrics: dict[str, Any]) -> str:
+    """A Hugging Face model card: YAML metadata, then what was done and what it measured."""
+    import yaml
+
+    model, data, quant = cfg.model, cfg.data, cfg.quantization
+    gptq = metrics["models"]["gptq"]
+    front = {
+        "base_model": model.name_or_path,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["gptq", f"int{quant.bits}", "lora", "finetune-then-quantize"],
+        "datasets": [data.path],
+        "quantization": {"method": "gptq", "bits": quant.bits, "group_size": quant.group_size, "sym": quant.sym,
+                         "desc_act": quant.desc_act, "act_group_aware": quant.act_group_aware,
+                         "checkpoint_format": "gptq", "quantizer": "gptqmodel"},
+        "model-index": [{"name": "gptq", "results": [{"task": {"type": "text-generation"}, "metrics": [
+            {"type": "perplexity", "value": round(gptq["perplexity"], 4)}] + (
+            [{"type": "exact_match", "value": round(gptq["exact_match"], 2)}]
+            if gptq.get("exact_match") is not None else [])}]}],
+    }
+    notes = "".join(f"\n> {n}\n" for n in metrics["notes"])
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+            f"# {model.name_or_path}, LoRA fine-tuned and GPTQ int{quant.bits}\n\n"
+            f"LoRA fine-tuned on `{data.path}` in full precision, merged, then quantized with GPTQ (gptqmodel, "
+            f"int{quant.bits}, group size {quant.group_size}, {'symmetric' if quant.sym else 'asymmetric'}) on "
+            f"calibration rows from the training data. Standard GPTQ v1 checkpoint: loads with transformers "
+            f"(with optimum and gptqmodel installed), vLLM and TGI.\n\n"
+            f"## Evaluation on {metrics['eval_rows']} held-out rows\n\n{metrics_table(metrics['models'])}\n{notes}")
+
+
+def run_report(summary: RunSummary, path: str) -> str:
+    """The run's report for its flow run page: status, each stage's store URI and metrics, run.json."""
+    lines = [f"# finetune-then-quantize: {summary.run_name} {summary.status}", "", f"run.json: `{path}`", ""]
+    if summary.error:
+        lines += [f"**error** (in {summary.failed_stage or 'the run'}): {summary.error}", ""]
+    lines += ["| stage | store URI | seconds | reused |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | `{stage.uri}` | {stage.seconds} | {stage.reused} |" for name, stage in summary.stages.items()]
+    if evaluation := summary.stages.get("evaluate"):
+        lines += ["", "## Quality", "", metrics_table(evaluation.metrics["models"]), "",
+                  *[f"> {note}" for note in evaluation.metrics.get("notes", [])], "",
+                  f"Training loss plot: `{evaluation.uri}/training_loss.png`; full report: `{evaluation.uri}/report.md`"]
+    lines += ["", "## Metrics", ""]
+    lines += [f"- **{name}**: " + ", ".join(f"{key} {_brief(value)}" for key, value in stage.metrics.items())
+              for name, stage in summary.stages.items() if name not in ("evaluate", "release")]
+    lines += ["", "## run.json", "", "```json", summary.to_json(), "```", ""]
+    return "\n".join(lines)
+
+
+def _brief(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, str) else str(value)

@@ -1,0 +1,43 @@
+"""run.json: the summary every run writes to `<store>/<run_name>/run.json`, finished or failed. Its schema is this
+model (docs/run-summary.md is generated from it)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, computed_field
+
+
+class StageSummary(BaseModel):
+    """One stage of the run, built or reused."""
+
+    uri: str = Field(description="Where the stage's files are: `<store>/<run_name>/<stage>`, or another run's "
+                                 "folder holding the same key.")
+    key: str = Field(description="sha256 of everything that determines the stage's output (config values, inputs' "
+                                 "keys, code).")
+    reused: bool = Field(description="True when a complete stage with this key was found in the store.")
+    seconds: float = Field(description="Wall seconds the stage took in this run (a reuse takes well under one).")
+    metrics: dict[str, Any] = Field(description="What the stage measured, as recorded in its manifest.")
+
+
+class RunSummary(BaseModel):
+    """A pipeline run: its config, each stage reached, and how it ended."""
+
+    run_name: str = Field(description="The run's folder in the store.")
+    config: dict[str, Any] = Field(description="The full config the run used, overrides applied.")
+    stages: dict[str, StageSummary] = Field(default_factory=dict, description="Stages reached, in pipeline order.")
+    status: Literal["running", "completed", "failed"] = Field(
+        default="running", description="`completed` once released; `failed` on any error or a missed quality gate.")
+    failed_stage: str | None = Field(default=None, description="The stage (or `gate`) where a failed run stopped.")
+    error: str | None = Field(default=None, description="`ExceptionType: message` of a failed run.")
+    seconds: float | None = Field(default=None, description="Wall seconds of the whole run.")
+    metrics_uri: str | None = Field(default=None, description="The evaluation's metrics.json, once evaluated.")
+
+    @computed_field(description="Each stage's metrics, by stage name (the same figures as in `stages`).")
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        return {name: stage.metrics for name, stage in self.stages.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)
