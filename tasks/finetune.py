@@ -27,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConfig, training: TrainingConfig,
                out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None,
-               trust_remote_code: bool = False) -> dict[str, Any]:
+               trust_remote_code: bool = False, base_name: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on `base_dir` with `dataset` (examples cut to `max_length` tokens), write it to
-    `out_dir`, return eval losses before and after.
+    `out_dir`, return eval losses before and after. The adapter names its base `base_name` (the user's hub id or
+    source), not `base_dir`, a folder of this machine.
 
     Checkpoints go to `checkpoint_dir` every `save_steps`, and with `sync` to the store as well; training resumes
     from the newest complete one (the store's, restored into `checkpoint_dir`, else the folder's own).
@@ -71,6 +72,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
     model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
+    if base_name:  # what peft writes into adapter_config.json and the adapter's model card
+        model.name_or_path = model.config._name_or_path = base_name
     if training.qlora:
         model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
     model = get_peft_model(model, PeftLoraConfig(
@@ -196,7 +199,7 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
     def build(out_dir: Path) -> dict[str, Any]:
         return train_lora(base_dir, read_data(run, data), run.cfg.data.max_length, run.cfg.lora, run.cfg.training,
                           out_dir, local_checkpoints, CheckpointSync(store, work),
-                          trust_remote_code=model.trust_remote_code)
+                          trust_remote_code=model.trust_remote_code, base_name=model.name_or_path)
 
     try:
         artifact = run_stage(run, "finetune", determinants, build, inputs={"data": data})

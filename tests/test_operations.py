@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.finetune_then_quantize import GPU_STAGES, GPU_TAG, REPORT_KEY, STAGES
+from flows.finetune_then_quantize import GPU_STAGES, GPU_TAG, REPORT_KEY
+from pipeline.run import STAGES
 from tests.conftest import ROOT
 from tests.processes import BIN, free_port, stop, wait_healthy
 

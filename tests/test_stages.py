@@ -77,7 +77,16 @@ def test_finetune_lowers_eval_loss(adapter):
     assert m["steps"] == 30 and not adapter.reused
     assert m["eval_loss_after"] < 0.9 * m["eval_loss_before"], m
     assert (Path(adapter.uri) / "adapter_model.safetensors").is_file()
-    assert json.loads((Path(adapter.uri) / "adapter_config.json").read_text())["r"] == 8
+    adapter_config = json.loads((Path(adapter.uri) / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["base_model_name_or_path"] == "builtin:tiny-qwen2"
+
+
+def test_no_artifact_carries_a_path_of_the_machine_that_built_it(isolated_cache, data, adapter, merged, quantized):
+    for stage in (data, adapter, merged, quantized):
+        for path in Path(stage.uri).rglob("*"):
+            if path.is_file() and path.suffix in (".json", ".md", ".jinja", ".txt"):
+                text = path.read_text()
+                assert str(isolated_cache) not in text and "/tmp/gptqmodel" not in text, path
 
 
 def test_manifest_lists_files_with_checksums_config_and_versions(store, adapter, merged):

@@ -53,7 +53,7 @@ def test_killed_finetune_resumes_from_its_last_checkpoint_and_reaches_the_same_a
     checkpoints = lambda: sorted(store.glob("smoke/.work/finetune-*/checkpoint-*/manifest.json"))  # noqa: E731
     kill_when(proc, lambda: any(int(p.parent.name.split("-")[1]) >= 20 for p in checkpoints()))
     assert proc.returncode == -signal.SIGKILL
-    assert visible_stages(store / "smoke") == set(), "nothing is published by a run killed in fine-tune"
+    assert visible_stages(store / "smoke") == {"data"}, "nothing but the data is published by a run killed in fine-tune"
     killed_at = max(int(p.parent.name.split("-")[1]) for p in checkpoints())
 
     rerun = run_cli("--config", "smoke", "--store", str(store), *LONGER)
@@ -71,13 +71,13 @@ def test_killed_finetune_resumes_from_its_last_checkpoint_and_reaches_the_same_a
 def test_killed_in_quantize_rerun_skips_finetune_and_merge(tmp_path):
     proc = start_cli("--config", "smoke", "--store", str(tmp_path))
     kill_when(proc, lambda: (tmp_path / "smoke" / "merge" / "manifest.json").is_file())
-    assert visible_stages(tmp_path / "smoke") <= {"finetune", "merge"}
+    assert visible_stages(tmp_path / "smoke") <= {"data", "finetune", "merge"}
     assert "quantize" not in visible_stages(tmp_path / "smoke")
 
     rerun = run_cli("--config", "smoke", "--store", str(tmp_path))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     run = json.loads((tmp_path / "smoke" / "run.json").read_text())
-    assert [run["stages"][s]["reused"] for s in ("finetune", "merge", "quantize")] == [True, True, False]
+    assert [run["stages"][s]["reused"] for s in ("data", "finetune", "merge", "quantize")] == [True, True, True, False]
     from pipeline.store import verify_local
 
     quantized = tmp_path / "smoke" / "quantize"
@@ -104,7 +104,7 @@ def test_store_server_stopped_mid_run_fails_cleanly_then_resumes(s3, tmp_path):
     assert "failed after 3 attempts" in err and "Traceback" not in err.split("error: ")[-1]
     fs = s3.filesystem()
     stages = {p.split("/")[-2] for p in fs.glob(f"{prefix}/smoke/*/manifest.json")}
-    assert stages == {"finetune"}, f"only complete stages are visible, got {stages}"
+    assert stages == {"data", "finetune"}, f"only complete stages are visible, got {stages}"
 
     rerun = run_cli("--config", "smoke", "--store", f"s3://{prefix}", env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
