@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data import Dataset
@@ -45,7 +46,8 @@ REPORT_KEY = "finetune-then-quantize-report"  # the report artifact's key: one h
 
 
 def as_task(stage: Callable[..., StageArtifact], name: str) -> Callable[..., StageArtifact]:
-    """The one place stages become Prefect tasks. No Prefect caching: the store's stage keys decide reuse."""
+    """The one place stages become Prefect tasks. No Prefect caching (the store's stage keys decide reuse) and no
+    task retries (the store retries its own operations, and a rerun resumes from the last finished stage)."""
     return task(stage, name=name, tags=[GPU_TAG] if name in GPU_STAGES else [], cache_policy=NO_CACHE,
                 persist_result=False)
 
@@ -107,7 +109,7 @@ def run_pipeline(run: RunContext, dataset: Dataset) -> str:
         return artifact
 
     try:
-        data = stage("data", data_task, dataset)
+        data = stage("data", data_task, quote(dataset))  # quote: Prefect does not walk every row for task inputs
         adapter = stage("finetune", finetune_task, data)
         merged = stage("merge", merge_task, data, adapter)
         quantized = stage("quantize", quantize_task, data, merged)

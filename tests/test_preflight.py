@@ -150,9 +150,10 @@ def test_unknown_lora_target_is_refused(tmp_path):
         preflight(cfg)
 
 
-def test_good_config_passes(tmp_path):
-    preflight(load_config("smoke", store=str(tmp_path / "s")))
+def test_good_config_passes_and_hands_on_the_dataset_it_read(tmp_path):
+    dataset = preflight(load_config("smoke", store=str(tmp_path / "s")))
     assert not (tmp_path / "s").exists()
+    assert dataset.form == "chat" and (len(dataset.train), len(dataset.eval)) == (216, 24)
 
 
 def test_gguf_base_is_refused_unless_dequantizing_is_allowed(tmp_path):
