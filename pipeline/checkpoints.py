@@ -14,7 +14,17 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from pipeline.store import MANIFEST, StageCorrupt, Store, materialize, new_scratch, publish, read_manifest, retrying
+from pipeline.store import (
+    MANIFEST,
+    StageCorrupt,
+    Store,
+    disk_full_as_one_sentence,
+    materialize,
+    new_scratch,
+    publish,
+    read_manifest,
+    retrying,
+)
 
 logger = logging.getLogger(__name__)
 STEP = re.compile(r"checkpoint-(\d+)$")
@@ -59,9 +69,10 @@ class CheckpointSync(TrainerCallback):
         target = f"{self.prefix}/checkpoint-{step}"
         scratch = new_scratch(self.store, target)
         try:
-            shutil.copytree(local, scratch, dirs_exist_ok=True)
-            publish(self.store, scratch, target, {"stage": "checkpoint", "key": f"{Path(self.prefix).name}-{step}",
-                                                  "step": step})
+            with disk_full_as_one_sentence("finetune", self.store.url(target), scratch):
+                shutil.copytree(local, scratch, dirs_exist_ok=True)
+                publish(self.store, scratch, target, {"stage": "checkpoint", "key": f"{Path(self.prefix).name}-{step}",
+                                                      "step": step})
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         for _, old in published_checkpoints(self.store, self.prefix)[: -self.keep]:

@@ -44,12 +44,17 @@ class DataConfig(_Section):
         default="auto", description="chat: a `messages` list; prompt_completion: `prompt`+`completion`; text: `text`."
     )
     split: str = Field(default="train", description="Split of a hub dataset to read.")
+    encoding: str = Field(default="utf-8", description="Text encoding of JSONL/JSON/CSV files (data, eval and "
+                          "calibration), e.g. latin-1 for a spreadsheet export; a byte that does not decode is refused.")
     eval_path: str | None = Field(default=None, description="Separate eval file; else eval_fraction of `path`.")
     eval_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of `path` held out for evaluation "
                                  "(a seeded sample) when eval_path is not set.")
     max_length: int = Field(default=512, ge=8, description="Tokens per example; longer ones are truncated.")
     max_samples: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
     seed: int = Field(default=0, description="Seed of the train/eval split and of the calibration sample.")
+    max_empty_share: float = Field(
+        default=0.0, ge=0, lt=1, description="Rows whose target (assistant turns, completion, text) is empty or blank "
+                                             "are refused; up to this share of them is dropped with a warning instead.")
 
 
 class LoraConfig(_Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataConfig
-from pipeline.errors import BadInputError
+from pipeline.readers import DataError, SourceRows, read_source
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+EMPTY_SOURCE = {"csv": "has only its header line, no rows", "json": "is an empty list, []",
+                "parquet": "has 0 rows", "jsonl": "has no rows, only blank lines"}
 FORM_FIELDS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-
-
-class DataError(BadInputError):
-    """The dataset is missing, empty, or not in a form the pipeline understands."""
 
 
 DATASET_FILES = ("train.jsonl", "eval.jsonl", "dataset.json")
@@ -71,47 +71,9 @@ def load_dataset(folder: Path) -> Dataset:
     return Dataset(form=info["form"], train=rows("train.jsonl"), eval=rows("eval.jsonl"))
 
 
-def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+def load_rows(source: str, split: str = "train", encoding: str = "utf-8") -> list[dict[str, Any]]:
     """Rows of a `builtin:` dataset, a local JSONL/JSON/CSV/parquet file, a local dataset folder, or a hub id."""
-    import datasets
-
-    from pipeline.builtin_data import BUILTIN_DATASETS
-
-    if source in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[source]()
-    path = Path(source)
-    if path.suffix.lower() in FILE_BUILDERS:
-        if not path.is_file():
-            raise DataError(f"dataset file {source!r} does not exist; set data.path to an existing "
-                            f"{'/'.join(FILE_BUILDERS)} file or a hub dataset id")
-        if path.stat().st_size == 0:
-            raise DataError(f"dataset file {source!r} is empty (0 bytes); it needs at least a few rows")
-        if path.suffix.lower() == ".jsonl":
-            check_jsonl(path)
-        loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
-    else:
-        try:
-            loaded = datasets.load_dataset(source, split=split)
-        except Exception as exc:  # datasets raises many types for "not found / offline"
-            raise DataError(f"cannot load dataset {source!r} (split {split!r}): {type(exc).__name__}: {exc}. "
-                            f"Give a local .jsonl/.json/.csv/.parquet file or a reachable hub dataset id") from exc
-    return loaded.to_list()
-
-
-def check_jsonl(path: Path) -> None:
-    """Every non-blank line must be one JSON object; the first bad one is named by line number."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}): "
-                                f"{line.strip()[:80]!r}; each line must be one JSON object") from exc
-            if not isinstance(value, dict):
-                raise DataError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; each line must be "
-                                'one object like {"messages": [...]}')
+    return read_source(source, split, encoding).rows
 
 
 def detect_form(columns: set[str], requested: str) -> str:
@@ -142,24 +104,59 @@ def check_row(row: dict[str, Any], form: str) -> str | None:
             return "no assistant message to learn from"
         return None
     for field in FORM_FIELDS[form]:
-        if not isinstance(row.get(field), str) or not row[field]:
-            return f"`{field}` is missing or empty"
+        value = row.get(field)
+        if value is None:
+            return f"`{field}` is missing"
+        if not isinstance(value, str):
+            return f"`{field}` is {type(value).__name__} {repr(value)[:40]}, not text; store it as a string"
     return None
+
+
+def target_text(row: dict[str, Any], form: str) -> str:
+    """What the model learns to write from this row: its assistant turns, its completion, or its text."""
+    if form == "chat":
+        return "".join(m["content"] for m in row["messages"] if m["role"] == "assistant")
+    return row["completion"] if form == "prompt_completion" else row["text"]
+
+
+def validate_rows(source: SourceRows, requested_form: str, max_empty_share: float, what: str) -> tuple[str, list[dict]]:
+    """The form and the trainable rows of `source`; refuses a source with no rows, unknown columns, malformed rows,
+    or more than `max_empty_share` of rows whose target is empty or blank (those below the share are dropped).
+    `what` names the setting the source came from in messages (data.path, data.eval_path, ...)."""
+    rows = source.rows
+    if not rows:
+        raise DataError(f"{what} {source.source!r} {EMPTY_SOURCE.get(source.kind, 'has no rows')}; it needs rows "
+                        "to train and evaluate on")
+    try:
+        form = detect_form(set(rows[0]), requested_form)
+    except DataError as exc:
+        raise DataError(f"{what} {source.source!r}: {exc}") from None
+    bad = [(i, why) for i, row in enumerate(rows) if (why := check_row(row, form))]
+    if bad:
+        shown = "; ".join(f"{source.where(i)}: {why}" for i, why in bad[:3])
+        raise DataError(f"{len(bad)} of {len(rows)} rows of {what} {source.source!r} are not valid {form} examples "
+                        f"({shown})")
+    empty = [i for i, row in enumerate(rows) if not target_text(row, form).strip()]
+    if empty:
+        target = {"chat": "assistant turns", "prompt_completion": "completion", "text": "text"}[form]
+        if len(empty) == len(rows) or len(empty) > max_empty_share * len(rows):
+            raise DataError(
+                f"{len(empty)} of {len(rows)} rows of {what} {source.source!r} have an empty or blank {target}, "
+                f"nothing to learn (first: {source.where(empty[0])}); fill or remove them, or set "
+                f"data.max_empty_share to drop up to that share of rows (now {max_empty_share})")
+        logger.warning("%s: dropping %d of %d rows whose %s is empty or blank (first: %s; data.max_empty_share %s)",
+                       source.source, len(empty), len(rows), target, source.where(empty[0]), max_empty_share)
+        dropped = set(empty)
+        rows = [row for i, row in enumerate(rows) if i not in dropped]
+    return form, rows
 
 
 def read_dataset(cfg: DataConfig) -> Dataset:
     """Train and eval rows read from the source, validated. Eval is `eval_path` if set, else a seeded
     `eval_fraction` of `path`."""
-    rows = load_rows(cfg.path, cfg.split)
-    if not rows:
-        raise DataError(f"dataset {cfg.path!r} has no rows; it needs at least 2 (one to train, one to evaluate)")
-    form = detect_form(set(rows[0]), cfg.format)
-    bad = [(i, why) for i, row in enumerate(rows) if (why := check_row(row, form))]
-    if bad:
-        shown = "; ".join(f"row {i}: {why}" for i, why in bad[:3])
-        raise DataError(f"{len(bad)} of {len(rows)} rows of {cfg.path!r} are not valid {form} examples ({shown})")
+    form, rows = validate_rows(load_source(cfg.path, cfg), cfg.format, cfg.max_empty_share, "data.path")
     if cfg.eval_path:
-        eval_rows = load_rows(cfg.eval_path, cfg.split)
+        _, eval_rows = validate_rows(load_source(cfg.eval_path, cfg), form, cfg.max_empty_share, "data.eval_path")
         train_rows = rows
     else:
         shuffled = rows[:]
@@ -172,6 +169,16 @@ def read_dataset(cfg: DataConfig) -> Dataset:
     if cfg.max_samples:
         train_rows = train_rows[: cfg.max_samples]
     return Dataset(form=form, train=train_rows, eval=eval_rows)
+
+
+def read_calibration(source: str, cfg: DataConfig) -> tuple[str, list[dict[str, Any]]]:
+    """The form and validated rows of a calibration file or dataset (read with the data config's split and encoding)."""
+    return validate_rows(load_source(source, cfg), "auto", cfg.max_empty_share, "quantization.calibration.source")
+
+
+def load_source(source: str, cfg: DataConfig) -> SourceRows:
+    """Rows of `source` read with the data config's split and encoding."""
+    return read_source(source, cfg.split, cfg.encoding)
 
 
 def tokenize_example(row: dict[str, Any], form: str, tokenizer, max_length: int) -> dict[str, list[int]]:

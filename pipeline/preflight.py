@@ -18,7 +18,7 @@ from pipeline.base_model import (
     unquantized_name,
 )
 from pipeline.config import PipelineConfig
-from pipeline.data import DataError, Dataset, load_rows, read_dataset
+from pipeline.data import DataError, Dataset, read_calibration, read_dataset
 from pipeline.errors import PreflightError
 from pipeline.gguf_base import is_gguf
 from pipeline.store import StoreError, check_store, open_store
@@ -157,7 +157,7 @@ def check_data(cfg: PipelineConfig, check_template: bool = True) -> tuple[Datase
         available = len(dataset.train) if dataset is not None else None
     else:
         try:
-            available = len(load_rows(calibration.source))
+            available = len(read_calibration(calibration.source, cfg.data)[1])
         except DataError as exc:
             available, problems = None, problems + [f"quantization.calibration.source: {exc}"]
     if available is not None and available < calibration.n_samples:

@@ -16,6 +16,7 @@ from pipeline.run import RunContext
 from pipeline.store import (
     StageCorrupt,
     Store,
+    disk_full_as_one_sentence,
     find_reusable,
     index_path,
     library_versions,
@@ -68,7 +69,8 @@ def run_stage(
     metrics` and publish the scratch folder as `<run>/<stage>`.
 
     A stage is rebuilt, whatever the store holds, when the run forces it or when one of its inputs was rebuilt in
-    this run: what follows a recomputed stage is measured again.
+    this run: what follows a recomputed stage is measured again. A write that runs out of disk space fails as one
+    StoreFull sentence (a build that knows its size calls `check_room` first), and the partial folder is removed.
     """
     start = time.perf_counter()
     inputs = inputs or {}
@@ -86,20 +88,32 @@ def run_stage(
     logger.info("%s: building %s (key %s...)", stage, store.url(own), key[:12])
     scratch = new_scratch(store, own)
     try:
-        metrics = build(scratch)
-        publish(store, scratch, own, {
-            "stage": stage,
-            "key": key,
-            "config": determinants,
-            "inputs": {name: read_manifest(store, a.store_path) for name, a in inputs.items()},
-            "versions": library_versions(),
-            "metrics": metrics,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+        with disk_full_as_one_sentence(stage, store.url(own), scratch):
+            metrics = build(scratch)
+            publish(store, scratch, own, {
+                "stage": stage,
+                "key": key,
+                "config": determinants,
+                "inputs": {name: read_manifest(store, a.store_path) for name, a in inputs.items()},
+                "versions": library_versions(),
+                "metrics": metrics,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    remove_leftovers(store, own)
     write_json(store, index_path(store, stage, key), {"stage": stage, "key": key, "run_name": run.name})
     return StageArtifact(stage, store.url(own), own, key, False, time.perf_counter() - start, metrics, inputs)
+
+
+def remove_leftovers(store: Store, stage_path: str) -> None:
+    """Once a stage is published, the partial and retired copies of it that killed runs left beside it go."""
+    if not store.is_local:
+        return  # on object storage a stage is never staged beside itself
+    target = Path(stage_path)
+    for leftover in [*target.parent.glob(f".{target.name}.partial-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        logger.info("removing %s, left by an interrupted run", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _candidates(store: Store, own: str, stage: str, key: str) -> list[str]:

@@ -12,6 +12,7 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) or, with `store.credentials_block`, fro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -19,7 +20,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,6 +49,13 @@ class StoreError(BadInputError):
 
 class StoreUnavailable(RuntimeError):
     """The store stopped answering mid-operation, after bounded retries."""
+
+
+class StoreFull(RuntimeError):
+    """The disk a stage writes to (the store's, or this machine's cache for a remote store) has no room left."""
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,45 @@ def retrying(what: str, call: Callable[[], T], attempts: int = 3, wait: float = 
             time.sleep(wait)
             wait *= 2
     raise AssertionError("unreachable")
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the disk that holds `path` (or its nearest existing parent)."""
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def size_text(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_room(what: str, where: Path, needed: int) -> None:
+    """Refuse, before writing, when the disk holding `where` has less than `needed` bytes free."""
+    free = free_bytes(where)
+    if free < needed:
+        raise StoreFull(f"{what} writes about {size_text(needed)} to {where.parent}, but that disk has "
+                        f"{size_text(free)} free; free space there, or point store.uri (for a remote store "
+                        "FTQ_CACHE_DIR) at a larger disk")
+
+
+@contextmanager
+def disk_full_as_one_sentence(what: str, destination: str, where: Path) -> Iterator[None]:
+    """A write that fails for want of space (ENOSPC, a quota: also inside shutil.copytree's error list) becomes one
+    StoreFull sentence: what was being written, to which destination, and the free space on the disk of `where`
+    (the folder being written: the store's own disk, or this machine's cache for a remote store)."""
+    try:
+        yield
+    except (OSError, shutil.Error) as exc:
+        causes = exc.args[0] if isinstance(exc, shutil.Error) and isinstance(exc.args[0], list) else [exc]
+        full = [c for c in causes if (isinstance(c, OSError) and c.errno in DISK_FULL)
+                or (isinstance(c, tuple) and any(f"[Errno {n}]" in str(c[-1]) for n in DISK_FULL))]
+        if not full:
+            raise
+        raise StoreFull(f"the disk of {where.parent} ran out of space while {what} was writing {destination} "
+                        f"({size_text(free_bytes(where))} left); free space there, or point store.uri (for a remote "
+                        "store FTQ_CACHE_DIR) at a larger disk") from None
 
 
 def check_store(store: Store) -> list[str]:

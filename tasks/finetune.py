@@ -72,8 +72,6 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
     model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
-    if base_name:  # what peft writes into adapter_config.json and the adapter's model card
-        model.name_or_path = model.config._name_or_path = base_name
     if training.qlora:
         model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
     model = get_peft_model(model, PeftLoraConfig(
@@ -101,7 +99,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         save_total_limit=2,
         eval_strategy="no",
         bf16=bf16,
-        gradient_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing=training.gradient_checkpointing,  # transformers 5's name for it
         seed=training.seed,
         data_seed=training.seed,
         report_to=[],
@@ -132,7 +130,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     eval_after = trainer.evaluate()["eval_loss"]
     logger.info("eval loss %.4f -> %.4f", eval_before, eval_after)
 
-    model.save_pretrained(out_dir)
+    name_base(model, base_name or str(base_dir))
+    model.save_pretrained(out_dir, save_embedding_layers=False)  # the vocabulary is never resized here
     tokenizer.save_pretrained(out_dir)
     history = [e for e in trainer.state.log_history if "loss" in e]
     (Path(out_dir) / "training_log.json").write_text(json.dumps(history, indent=2))
@@ -154,6 +153,13 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "tokens_per_second": train_tokens / result.metrics["train_runtime"],
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
     }
+
+
+def name_base(model, name: str) -> None:
+    """Make the adapter name its base `name` in adapter_config.json and its model card (peft takes the base's local
+    folder otherwise). Done after training: peft looks the base up by this name when it saves checkpoints."""
+    base = model.get_base_model()
+    base.name_or_path = base.config._name_or_path = model.peft_config["default"].base_model_name_or_path = name
 
 
 class TokenCounter:

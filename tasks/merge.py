@@ -13,6 +13,7 @@ from pipeline.errors import StageCheckError
 from pipeline.keys import code_version
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
+from pipeline.store import check_room
 from tasks.data import read_data
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,20 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, merge: Merge
             "tied_embeddings": tied}
 
 
+def merged_bytes(base_dir: Path, dtype) -> int:
+    """What the merged weights take on disk: every tensor of the base in `dtype`, counted from the safetensors
+    headers (no weights read), plus 1% for the files beside them."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    numel = 0
+    for path in Path(base_dir).glob("*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            numel += sum(prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+    return int(numel * dtype.itemsize * 1.01)
+
+
 def _merge_dtype(name: str, base_dir: Path):
     import torch
     from transformers import AutoConfig
@@ -93,6 +108,7 @@ def merge(run: RunContext, data: StageArtifact, adapter: StageArtifact) -> Stage
 
     def build(out_dir: Path) -> dict[str, Any]:
         base_dir = resolve_model_dir(model.name_or_path, model.revision)
+        check_room("merge", out_dir, merged_bytes(base_dir, _merge_dtype(merge_cfg.dtype, base_dir)))
         adapter_dir = local_copy(run.store, adapter)
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         dataset = read_data(run, data)

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CalibrationConfig, QuantizationConfig
-from pipeline.data import Dataset, detect_form, load_rows, render_text
+from pipeline.config import CalibrationConfig, DataConfig, QuantizationConfig
+from pipeline.data import Dataset, read_calibration, render_text
 from pipeline.errors import StageCheckError
 from pipeline.keys import code_version, stage_key
 from pipeline.run import RunContext
@@ -26,15 +26,15 @@ from tasks.data import read_data
 logger = logging.getLogger(__name__)
 
 
-def calibration_rows(calibration: CalibrationConfig, dataset: Dataset, seed: int) -> tuple[list[dict], str]:
-    """The rows GPTQ calibrates on and their form: the training rows, or a file's/dataset's rows; a seeded sample."""
+def calibration_rows(calibration: CalibrationConfig, dataset: Dataset, data: DataConfig) -> tuple[list[dict], str]:
+    """The rows GPTQ calibrates on and their form: the training rows, or a file's/dataset's validated rows; a seeded
+    sample (`data.seed`)."""
     if calibration.source == "train":
         rows, form = dataset.train, dataset.form
     else:
-        rows = load_rows(calibration.source)
-        form = detect_form(set(rows[0]), "auto")
+        form, rows = read_calibration(calibration.source, data)
     rows = rows[:]
-    random.Random(seed).shuffle(rows)
+    random.Random(data.seed).shuffle(rows)
     return rows[: calibration.n_samples], form
 
 
@@ -162,7 +162,7 @@ def quantize(run: RunContext, data: StageArtifact, merged: StageArtifact) -> Sta
     from transformers import AutoTokenizer
 
     quant = run.cfg.quantization
-    rows, form = calibration_rows(quant.calibration, read_data(run, data), run.cfg.data.seed)
+    rows, form = calibration_rows(quant.calibration, read_data(run, data), run.cfg.data)
     determinants = {"quantization": quant.model_dump(), "calibration": stage_key("calibration", {"rows": rows}),
                     "code": code_version(__name__)}
 

@@ -13,7 +13,7 @@ from pipeline.keys import code_version
 from pipeline.report import model_card
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
-from pipeline.store import write_json
+from pipeline.store import check_room, write_json
 
 LATEST = "latest.json"
 
@@ -23,9 +23,10 @@ def release(run: RunContext, quantized: StageArtifact, evaluation: StageArtifact
     point `<store>/latest.json` at it."""
 
     def build(out_dir: Path) -> dict[str, Any]:
-        shutil.copytree(local_copy(run.store, quantized), out_dir, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("manifest.json", "gptq_logs"))
-        report = local_copy(run.store, evaluation)
+        model, report = local_copy(run.store, quantized), local_copy(run.store, evaluation)
+        check_room("release", out_dir, sum(p.stat().st_size for p in model.glob("*") if p.is_file())
+                   + sum(p.stat().st_size for p in report.glob("*") if p.is_file()))
+        shutil.copytree(model, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json", "gptq_logs"))
         metrics = json.loads((report / "metrics.json").read_text())
         for name in ("metrics.json", "report.md", "training_loss.png"):
             shutil.copy2(report / name, out_dir / name)

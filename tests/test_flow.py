@@ -90,6 +90,8 @@ def test_cli_smoke_writes_gptq_checkpoint_and_ends_with_run_summary(tmp_path):
     qc = json.loads((tmp_path / "smoke" / "quantize" / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"]) == ("gptq", "gptq", 4)
     assert "eval loss" in result.stderr and "steps/s, ETA" in result.stderr
+    first = result.stderr.lstrip().splitlines()[0]
+    assert "| pipeline.preflight - preflight passed" in first, f"a dependency spoke first: {first}"
 
 
 def test_cli_failure_exits_1_keeps_finished_stages_and_records_the_error(tmp_path):

@@ -52,6 +52,7 @@ def test_cli_refuses_gptq_base_fast_with_exit_2_and_no_store(gptq_base, tmp_path
     assert f"model.name_or_path={gptq_base.parent / 'Qwen2-1.5B-Instruct'}" in message
     assert not store.exists()
     assert "Traceback" not in message
+    assert message.startswith("error: preflight found 1 problem(s)"), "no dependency noise before the refusal"
 
 
 def test_hub_style_name_gets_the_hub_alternative(gptq_base):

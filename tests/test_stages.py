@@ -182,12 +182,17 @@ def test_rerun_reuses_and_corruption_is_rebuilt(run, dataset, store, data, adapt
     assert merge(run, data_again, again).reused
 
 
-def test_forcing_a_stage_rebuilds_it_and_what_follows(run, dataset, quantized):
+def test_forcing_a_stage_rebuilds_it_and_what_follows(run, dataset, merged, quantized):
+    killed = [Path(merged.uri).with_name(".merge.partial-0dead0"), Path(merged.uri).with_name(".merge.old-0dead0")]
+    for leftover in killed:  # what a run killed mid-publish leaves beside the stage
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half")
     forced = open_run(run.cfg, force=["merge"])
     data = prepare_data(forced, dataset)
     adapter = finetune(forced, data)
     merged = merge(forced, data, adapter)
     assert (data.reused, adapter.reused, merged.reused) == (True, True, False)
+    assert not any(leftover.exists() for leftover in killed), "a completed stage clears what killed runs left"
     requantized = quantize(forced, data, merged)
     assert not requantized.reused and requantized.key == quantized.key, "same inputs, same key, built again"
 
