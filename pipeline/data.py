@@ -71,11 +71,6 @@ def load_dataset(folder: Path) -> Dataset:
     return Dataset(form=info["form"], train=rows("train.jsonl"), eval=rows("eval.jsonl"))
 
 
-def load_rows(source: str, split: str = "train", encoding: str = "utf-8") -> list[dict[str, Any]]:
-    """Rows of a `builtin:` dataset, a local JSONL/JSON/CSV/parquet file, a local dataset folder, or a hub id."""
-    return read_source(source, split, encoding).rows
-
-
 def detect_form(columns: set[str], requested: str) -> str:
     """The data's form: the requested one if its fields are present, else the first form whose fields are."""
     if requested != "auto":

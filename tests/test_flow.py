@@ -19,19 +19,19 @@ def counted(monkeypatch):
     import pipeline.data
 
     counts = {"preflight": 0, "source reads": 0}
-    real_preflight, real_load_rows = flows.cli.preflight, pipeline.data.load_rows
+    real_preflight, real_read_source = flows.cli.preflight, pipeline.data.read_source
 
     def preflight(cfg):
         counts["preflight"] += 1
         return real_preflight(cfg)
 
-    def load_rows(source, *args, **kwargs):
+    def read_source(source, *args, **kwargs):
         counts["source reads"] += source.endswith("smoke_chat.jsonl")
-        return real_load_rows(source, *args, **kwargs)
+        return real_read_source(source, *args, **kwargs)
 
     for module in (flows.cli, flows.finetune_then_quantize):
         monkeypatch.setattr(module, "preflight", preflight)
-    monkeypatch.setattr(pipeline.data, "load_rows", load_rows)
+    monkeypatch.setattr(pipeline.data, "read_source", read_source)
     return counts
 
 
