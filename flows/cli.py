@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     # Check everything here, before Prefect starts a server: bad input is refused in seconds, with nothing written.
     try:
         cfg = load_config(args.config, args.overrides, run_name=args.run_name, store=args.store)
-        run = open_run(cfg, args.force)
         dataset = preflight(cfg)
+        run = open_run(cfg, args.force)
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_checked(cfg, dataset, args.force)
         code = 0
-    except BadInputError as exc:
+    except BadInputError as exc:  # found only once the run had started (e.g. a data source changed under it)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except QualityGateError as exc:
         print(f"error: {exc}. The report is in the run's evaluate/ folder.", file=sys.stderr)
         code = 1

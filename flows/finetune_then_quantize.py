@@ -8,6 +8,13 @@ The command line is flows/cli.py; this module is the Prefect flow that deploymen
 
 from __future__ import annotations
 
+from pipeline.quiet import quiet_dependencies
+
+# First, before torch, transformers and torchao are imported below: their import-time messages say nothing to a
+# user (pipeline/quiet.py names each). Here rather than in flows/__init__.py because a Prefect worker loads this
+# file by its path, without the package.
+quiet_dependencies()
+
 import logging
 import sys
 import time
@@ -90,8 +97,8 @@ def finetune_then_quantize(
     """
     show_pipeline_logs()
     cfg = load_config(config, overrides or [], run_name=run_name, store=store)
-    run = open_run(cfg, force or [])
-    return run_pipeline(run, preflight(cfg))
+    dataset = preflight(cfg)
+    return run_pipeline(open_run(cfg, force or []), dataset)
 
 
 def run_pipeline(run: RunContext, dataset: Dataset) -> str:
@@ -132,7 +139,7 @@ def run_pipeline(run: RunContext, dataset: Dataset) -> str:
         try:
             write_json(run.store, path, summary.model_dump(mode="json"), sort_keys=False)  # stages in pipeline order
             logger.info("run %s %s: %s", run.name, summary.status, run.store.url(path))
-        except StoreUnavailable as exc:  # keep the run's own error, if any, as the one raised
+        except (StoreUnavailable, OSError) as exc:  # keep the run's own error, if any, as the one raised
             logger.error("could not write %s: %s", run.store.url(path), exc)
             if summary.status == "completed":
                 raise

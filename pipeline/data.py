@@ -30,9 +30,6 @@ EMPTY_SOURCE = {"csv": "has only its header line, no rows", "json": "is an empty
 FORM_FIELDS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 
 
-DATASET_FILES = ("train.jsonl", "eval.jsonl", "dataset.json")
-
-
 @dataclass(frozen=True)
 class Dataset:
     """Validated rows in one form, split into train and eval."""
