@@ -63,7 +63,8 @@ def load_dataset(folder: Path) -> Dataset:
     info = json.loads((folder / "dataset.json").read_text())
 
     def rows(name: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines()]
+        text = (folder / name).read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.split("\n") if line]  # not splitlines(): see readers._read_jsonl
 
     return Dataset(form=info["form"], train=rows("train.jsonl"), eval=rows("eval.jsonl"))
 

@@ -88,7 +88,7 @@ def decode(path: Path, encoding: str) -> str:
 
 def _read_jsonl(path: Path, text: str) -> SourceRows:
     rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 or U+0085 may sit inside a string
         if not line.strip():
             continue
         try:

@@ -25,6 +25,7 @@ TRICKY = [
     {"prompt": "  padded  ", "completion": " x "},
     {"prompt": 'say "a, b"', "completion": "line one\nline two"},
     {"prompt": "12:30", "completion": "2021-03-05T12:30:00Z"},
+    {"prompt": "separators\u2028inside\x85a string", "completion": "tab\there\u2029"},
 ]
 
 
@@ -57,6 +58,14 @@ def test_text_round_trips_unchanged(tmp_path, suffix):
     read = sorted(dataset.train + dataset.eval, key=lambda r: r["prompt"])
     assert read == sorted(TRICKY, key=lambda r: r["prompt"])  # every value a str, byte for byte
     assert all(type(v) is str for row in read for v in row.values())
+
+
+def test_the_data_stage_files_give_back_the_same_rows(tmp_path):
+    from pipeline.data import load_dataset, write_dataset
+
+    dataset = read_dataset(DataConfig(path=str(write(tmp_path / "tricky.jsonl", TRICKY)), eval_fraction=0.2))
+    write_dataset(dataset, tmp_path)
+    assert load_dataset(tmp_path) == dataset and load_dataset(tmp_path).key == dataset.key
 
 
 def test_latin1_file_reads_when_its_encoding_is_declared(tmp_path):
