@@ -189,8 +189,12 @@ def disk_full_as_one_sentence(what: str, destination: str, where: Path) -> Itera
                 or (isinstance(c, tuple) and any(f"[Errno {n}]" in str(c[-1]) for n in DISK_FULL))]
         if not full:
             raise
-        raise StoreFull(f"the disk of {where.parent} ran out of space while {what} was writing {destination} "
-                        f"({size_text(free_bytes(where))} left); free space there, or point store.uri (for a remote "
+        # the file that did not fit names the full disk: the store's, or this machine's cache (checkpoints, scratch)
+        failed = full[0].filename if isinstance(full[0], OSError) else full[0][1]
+        failed = Path(os.fsdecode(failed)) if failed else None
+        folder = where.parent if failed is None or failed.is_relative_to(where) else failed.parent
+        raise StoreFull(f"the disk of {folder} ran out of space while {what} was writing {destination} "
+                        f"({size_text(free_bytes(folder))} left); free space there, or point store.uri (for a remote "
                         "store FTQ_CACHE_DIR) at a larger disk") from None
 
 
