@@ -43,6 +43,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         DataCollatorWithFlattening,
+        PrinterCallback,
         Trainer,
         TrainingArguments,
         set_seed,
@@ -116,6 +117,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         callbacks=[ProgressLogger()] + ([sync] if sync else []),
     )
+    trainer.remove_callback(PrinterCallback)  # it prints each log dict to stdout; ProgressLogger logs them already
     eval_before = trainer.evaluate()["eval_loss"]
     if sync is not None:
         restore_latest(sync.store, sync.prefix, Path(checkpoint_dir))
