@@ -25,8 +25,6 @@ from pipeline.readers import DataError, SourceRows, read_source
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-EMPTY_SOURCE = {"csv": "has only its header line, no rows", "json": "is an empty list, []",
-                "parquet": "has 0 rows", "jsonl": "has no rows, only blank lines"}
 FORM_FIELDS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 
 
@@ -118,8 +116,7 @@ def validate_rows(source: SourceRows, requested_form: str, max_empty_share: floa
     `what` names the setting the source came from in messages (data.path, data.eval_path, ...)."""
     rows = source.rows
     if not rows:
-        raise DataError(f"{what} {source.source!r} {EMPTY_SOURCE.get(source.kind, 'has no rows')}; it needs rows "
-                        "to train and evaluate on")
+        raise DataError(f"{what} {source.source!r} {source.empty_text}; it needs rows to train and evaluate on")
     try:
         form = detect_form(set(rows[0]), requested_form)
     except DataError as exc:

@@ -18,6 +18,8 @@ from typing import Any
 from pipeline.errors import BadInputError
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+EMPTY = {"csv": "has only its header line, no rows", "json": "is an empty list, []", "parquet": "has 0 rows",
+         "jsonl": "has no rows, only blank lines"}
 
 
 class DataError(BadInputError):
@@ -32,6 +34,11 @@ class SourceRows:
     rows: list[dict[str, Any]]
     lines: list[int] | None = None
     kind: str = "dataset"  # jsonl, json, csv, parquet, builtin or hub: how an empty source is described
+
+    @property
+    def empty_text(self) -> str:
+        """How this source looks when it holds no rows, in the user's terms."""
+        return EMPTY.get(self.kind, "has no rows")
 
     def where(self, index: int) -> str:
         """Where row `index` is, as a user finds it: `file:line`, else its 1-based row number."""

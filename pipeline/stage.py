@@ -25,6 +25,7 @@ from pipeline.store import (
     publish,
     read_json,
     read_manifest,
+    remove_leftovers,
     write_json,
 )
 
@@ -58,6 +59,11 @@ def local_copy(store: Store, artifact: StageArtifact) -> Path:
     return materialize(store, artifact.store_path, manifest)
 
 
+def key_of(stage: str, determinants: dict[str, Any], inputs: dict[str, StageArtifact]) -> str:
+    """The stage's key: its determinants and its inputs' keys."""
+    return stage_key(stage, {**determinants, "inputs": {name: a.key for name, a in inputs.items()}})
+
+
 def run_stage(
     run: RunContext,
     stage: str,
@@ -75,7 +81,7 @@ def run_stage(
     start = time.perf_counter()
     inputs = inputs or {}
     store = run.store
-    key = stage_key(stage, {**determinants, "inputs": {name: a.key for name, a in inputs.items()}})
+    key = key_of(stage, determinants, inputs)
     own = store.path(run.name, stage)
     force = stage in run.force or any(not a.reused for a in inputs.values())
     if not force:
@@ -104,16 +110,6 @@ def run_stage(
     remove_leftovers(store, own)
     write_json(store, index_path(store, stage, key), {"stage": stage, "key": key, "run_name": run.name})
     return StageArtifact(stage, store.url(own), own, key, False, time.perf_counter() - start, metrics, inputs)
-
-
-def remove_leftovers(store: Store, stage_path: str) -> None:
-    """Once a stage is published, the partial and retired copies of it that killed runs left beside it go."""
-    if not store.is_local:
-        return  # on object storage a stage is never staged beside itself
-    target = Path(stage_path)
-    for leftover in [*target.parent.glob(f".{target.name}.partial-*"), *target.parent.glob(f".{target.name}.old-*")]:
-        logger.info("removing %s, left by an interrupted run", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _candidates(store: Store, own: str, stage: str, key: str) -> list[str]:

@@ -391,5 +391,16 @@ def publish(store: Store, scratch: Path, stage_path: str, manifest: dict[str, An
     return manifest
 
 
+def remove_leftovers(store: Store, stage_path: str) -> None:
+    """Once a stage is published, the scratch (`new_scratch`) and retired (`publish`) copies of it that killed runs
+    left beside it go. On object storage a stage is never staged beside itself."""
+    if not store.is_local:
+        return
+    target = Path(stage_path)
+    for leftover in [*target.parent.glob(f".{target.name}.partial-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        logger.info("removing %s, left by an interrupted run", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def index_path(store: Store, stage: str, key: str) -> str:
     return store.path("index", stage, f"{key}.json")

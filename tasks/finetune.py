@@ -16,9 +16,9 @@ from pipeline.checkpoints import CheckpointSync, restore_latest
 from pipeline.config import LoraConfig, TrainingConfig
 from pipeline.data import Dataset, tokenize_example
 from pipeline.errors import StageCheckError
-from pipeline.keys import code_version, stage_key
+from pipeline.keys import code_version
 from pipeline.run import RunContext
-from pipeline.stage import StageArtifact, run_stage
+from pipeline.stage import StageArtifact, key_of, run_stage
 from pipeline.store import describe_files, retrying
 from tasks.data import read_data
 
@@ -201,7 +201,7 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
         "training": run.cfg.training.model_dump(),
         "code": code_version(__name__),
     }
-    work = store.path(run.name, ".work", f"finetune-{stage_key('finetune', {**determinants, 'data': data.key})[:16]}")
+    work = store.path(run.name, ".work", f"finetune-{key_of('finetune', determinants, {'data': data})[:16]}")
     local_checkpoints = cache_root() / "scratch" / f"checkpoints-{os.getpid()}-{time.time_ns()}"
 
     def build(out_dir: Path) -> dict[str, Any]:

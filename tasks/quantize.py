@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CalibrationConfig, DataConfig, QuantizationConfig
-from pipeline.data import Dataset, read_calibration, render_text
+from pipeline.config import QuantizationConfig
+from pipeline.data import read_calibration, render_text
 from pipeline.errors import StageCheckError
 from pipeline.keys import code_version, stage_key
 from pipeline.run import RunContext
@@ -26,16 +26,11 @@ from tasks.data import read_data
 logger = logging.getLogger(__name__)
 
 
-def calibration_rows(calibration: CalibrationConfig, dataset: Dataset, data: DataConfig) -> tuple[list[dict], str]:
-    """The rows GPTQ calibrates on and their form: the training rows, or a file's/dataset's validated rows; a seeded
-    sample (`data.seed`)."""
-    if calibration.source == "train":
-        rows, form = dataset.train, dataset.form
-    else:
-        form, rows = read_calibration(calibration.source, data)
+def calibration_sample(rows: list[dict], n_samples: int, seed: int) -> list[dict]:
+    """A seeded sample of `n_samples` rows, the same for the same rows and seed."""
     rows = rows[:]
-    random.Random(data.seed).shuffle(rows)
-    return rows[: calibration.n_samples], form
+    random.Random(seed).shuffle(rows)
+    return rows[:n_samples]
 
 
 def calibration_ids(rows: list[dict], form: str, tokenizer, max_length: int) -> list[list[int]]:
@@ -158,18 +153,26 @@ def _gptq_logs_into(folder: Path) -> Iterator[None]:
 
 def quantize(run: RunContext, data: StageArtifact, merged: StageArtifact) -> StageArtifact:
     """Quantize into `<store>/<run>/quantize/`, or reuse a quantization of the same merged model with the same
-    config, calibration texts and code."""
+    config, calibration texts and code. Calibrating on the training rows needs no read to decide reuse: the data
+    stage's key covers them; a calibration file is read (once) and its rows hashed."""
     from transformers import AutoTokenizer
 
     quant = run.cfg.quantization
-    rows, form = calibration_rows(quant.calibration, read_data(run, data), run.cfg.data)
-    determinants = {"quantization": quant.model_dump(), "calibration": stage_key("calibration", {"rows": rows}),
-                    "code": code_version(__name__)}
+    from_file = quant.calibration.source != "train"
+    file_rows = read_calibration(quant.calibration.source, run.cfg.data) if from_file else None
+    determinants = {"quantization": quant.model_dump(), "seed": run.cfg.data.seed, "code": code_version(__name__),
+                    "calibration": stage_key("calibration", {"rows": file_rows[1]}) if from_file else "train"}
 
     def build(out_dir: Path) -> dict[str, Any]:
+        if file_rows:
+            form, rows = file_rows
+        else:
+            dataset = read_data(run, data)
+            form, rows = dataset.form, dataset.train
+        sample = calibration_sample(rows, quant.calibration.n_samples, run.cfg.data.seed)
         merged_dir = local_copy(run.store, merged)
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-        ids = calibration_ids(rows, form, tokenizer, quant.calibration.max_length)
+        ids = calibration_ids(sample, form, tokenizer, quant.calibration.max_length)
         return quantize_gptq(merged_dir, out_dir, quant, ids)
 
-    return run_stage(run, "quantize", determinants, build, inputs={"merged": merged})
+    return run_stage(run, "quantize", determinants, build, inputs={"merged": merged, "data": data})

@@ -230,3 +230,14 @@ def test_rectangular_batches_put_longest_first_and_cut_each_batch_to_its_shortes
     # longest first: 9, 8 | 7, 5 | 2 -> cut to 8 | 5 | 2; token values keep their sample
     assert rectangular_batches(calibration, 2) == [[2] * 8, [5] * 8, [3] * 5, [1] * 5, [4] * 2]
     assert rectangular_batches(calibration, 1) == sorted(calibration, key=len, reverse=True)
+
+
+def test_a_reused_quantize_decides_without_reading_the_data(run, dataset, quantized, monkeypatch):
+    """Calibrating on the training rows, the data stage's key decides reuse: no dataset is loaded to hash them."""
+    import tasks.quantize
+
+    data = prepare_data(run, dataset)
+    merged = merge(run, data, finetune(run, data))
+    monkeypatch.setattr(tasks.quantize, "read_data", lambda *args: pytest.fail("quantize read the dataset"))
+    again = quantize(run, data, merged)
+    assert again.reused and again.key == quantized.key
