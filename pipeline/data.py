@@ -212,3 +212,15 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
         return []
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def split_prompt(row: dict[str, Any], form: str) -> tuple[Any, str | None]:
+    """(prompt, reference answer) of an eval row; text rows have no reference."""
+    if form == "chat":
+        messages = row["messages"]
+        if messages[-1]["role"] == "assistant":
+            return messages[:-1], messages[-1]["content"]
+        return messages, None
+    if form == "prompt_completion":
+        return row["prompt"], row["completion"]
+    return row["text"], None

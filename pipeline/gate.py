@@ -1,4 +1,5 @@
-"""The quality gate: the quantized model must keep the fine-tune's gain, or the run fails and nothing is released."""
+"""The quality gate: the quantized model must keep the fine-tune's gain and serve in vLLM as well as it answers in
+transformers, or the run fails and nothing is released."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ class QualityGateError(RuntimeError):
     """The quantized model missed a threshold; each figure and its threshold are in the message."""
 
 
-def check_gate(models: dict[str, dict[str, Any]], gate: GateConfig) -> list[str]:
-    """Every threshold the GPTQ model misses, as `figure (threshold)` sentences; empty when it passes."""
-    failures = []
+def check_gate(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
+    """Every threshold the GPTQ model misses (metrics.json's `models` and `serving`), as `figure (threshold)`
+    sentences; empty when it passes."""
+    models = metrics["models"]
+    failures = serving_failures(metrics.get("serving") or {}, models["gptq"], gate)
     merged, gptq, base = models["merged"], models["gptq"], models.get("base", {})
     if gate.max_ppl_increase is not None:
         increase = gptq["perplexity"] / merged["perplexity"] - 1
@@ -38,3 +41,21 @@ def check_gate(models: dict[str, dict[str, Any]], gate: GateConfig) -> list[str]
         failures.append(f"GPTQ exact match {gptq['exact_match']:.1f}% is below gate.min_exact_match "
                         f"{gate.min_exact_match:.1f}%")
     return failures
+
+
+def serving_failures(serving: dict[str, Any], gptq: dict[str, Any], gate: GateConfig) -> list[str]:
+    """A model vLLM could not load always fails; one it answers worse than transformers by more than
+    `gate.max_serving_gap` points fails too. A check that was off or skipped fails nothing (the report says so)."""
+    if not serving.get("checked"):
+        return []
+    if not serving["loaded"]:
+        return [f"vLLM {serving['vllm_version']} could not load the quantized model: {serving['error']} (the "
+                f"serve stage's vllm.log has vLLM's full output)"]
+    if gate.max_serving_gap is None or serving.get("exact_match") is None or gptq.get("exact_match") is None:
+        return []
+    gap = gptq["exact_match"] - serving["exact_match"]
+    if gap > gate.max_serving_gap:
+        return [f"vLLM's exact match {serving['exact_match']:.1f}% is {gap:.1f} points below transformers' GPTQ "
+                f"{gptq['exact_match']:.1f}% on the same prompts ({serving['agreement']:.1f}% of answers identical; "
+                f"gate.max_serving_gap allows {gate.max_serving_gap:.1f})"]
+    return []

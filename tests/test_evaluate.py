@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, GateConfig
-from pipeline.data import read_dataset, tokenize_example
+from pipeline.data import read_dataset, split_prompt, tokenize_example
 from pipeline.gate import check_gate
-from tasks.evaluate import greedy_answers, perplexity, rtn_quantize_, rtn_weight, score_model, split_prompt
+from tasks.evaluate import greedy_answers, perplexity, rtn_quantize_, rtn_weight, score_model
 
 
 def test_rtn_of_a_group_equals_the_hand_computation():
@@ -83,11 +83,11 @@ MODELS = {"base": {"perplexity": 10.0, "exact_match": 10.0}, "merged": {"perplex
 
 
 def test_gate_passes_a_model_that_kept_its_gain():
-    assert check_gate(MODELS, GateConfig(max_ppl_increase=0.25, min_gain_kept=0.9)) == []
+    assert check_gate({"models": MODELS}, GateConfig(max_ppl_increase=0.25, min_gain_kept=0.9)) == []
 
 
 def test_gate_names_each_figure_and_threshold_it_misses():
-    failures = check_gate(MODELS, GateConfig(max_ppl_increase=0.05, min_gain_kept=0.99, min_exact_match=95))
+    failures = check_gate({"models": MODELS}, GateConfig(max_ppl_increase=0.05, min_gain_kept=0.99, min_exact_match=95))
     assert len(failures) == 3
     assert "GPTQ perplexity 5.500 is +10.0% over the merged model's 5.000 (gate.max_ppl_increase allows +5.0%)" \
         in failures[0]
@@ -97,7 +97,7 @@ def test_gate_names_each_figure_and_threshold_it_misses():
 
 def test_gate_fails_when_the_fine_tune_gained_nothing():
     flat = {**MODELS, "merged": {"perplexity": 5.0, "exact_match": 10.0}}
-    [failure] = check_gate(flat, GateConfig(max_ppl_increase=None, min_gain_kept=0.9))
+    [failure] = check_gate({"models": flat}, GateConfig(max_ppl_increase=None, min_gain_kept=0.9))
     assert "did not raise exact match" in failure
 
 

@@ -51,12 +51,17 @@ def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path, coun
     assert path == tmp_path / "e2e" / "run.json"
     run = json.loads(path.read_text())
     assert run["status"] == "completed" and run["failed_stage"] is None and run["error"] is None
-    assert list(run["stages"]) == ["data", "finetune", "merge", "quantize", "evaluate", "release"]
+    assert list(run["stages"]) == ["data", "finetune", "merge", "quantize", "serve", "evaluate", "release"]
     for name, stage in run["stages"].items():
         assert stage["reused"] is False and stage["seconds"] > 0
         assert Path(stage["uri"]) == tmp_path / "e2e" / name and (Path(stage["uri"]) / "manifest.json").is_file()
     assert run["metrics"]["finetune"]["eval_loss_after"] < run["metrics"]["finetune"]["eval_loss_before"]
     assert run["metrics"]["quantize"]["checkpoint_format"] == "gptq"
+    # smoke.yaml turns the vLLM check off (tests/test_serving.py runs it): the report says so, the gate passes
+    metrics = json.loads((tmp_path / "e2e" / "release" / "metrics.json").read_text())
+    assert metrics["serving"] == {"checked": False, "reason": "serving.check is off: vLLM did not load this model"}
+    assert "**Not checked in vLLM**: serving.check is off" in (tmp_path / "e2e" / "release" / "README.md").read_text()
+    assert metrics["models"]["base"]["reused"] is False  # the base's scores: a stage of their own
 
     again = json.loads(Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e")).read_text())
     assert again["status"] == "completed"
@@ -65,8 +70,10 @@ def test_flow_end_to_end_then_reuses_every_stage(prefect_harness, tmp_path, coun
 
     forced = json.loads(Path(finetune_then_quantize("smoke", store=str(tmp_path), run_name="e2e",
                                                     force=["quantize"])).read_text())
-    assert [forced["stages"][s]["reused"] for s in ("data", "finetune", "merge", "quantize", "evaluate")] == \
-        [True, True, True, False, False]
+    assert [forced["stages"][s]["reused"] for s in ("data", "finetune", "merge", "quantize", "serve", "evaluate")] \
+        == [True, True, True, False, False, False]
+    rescored = json.loads((tmp_path / "e2e" / "evaluate" / "metrics.json").read_text())["models"]["base"]
+    assert rescored["reused"] is True and rescored["perplexity"] == metrics["models"]["base"]["perplexity"]
 
 
 def test_cli_checks_and_reads_the_data_once_per_run(prefect_harness, tmp_path, counted, capsys):

@@ -13,9 +13,10 @@ from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
 from tasks.release import release
+from tasks.serve_check import serve_check
 from tests.conftest import ROOT
 
-STAGES = (prepare_data, finetune, merge, quantize, evaluate, release)
+STAGES = (prepare_data, finetune, merge, quantize, serve_check, evaluate, release)
 
 
 def test_every_stage_takes_the_run_context_and_at_most_two_inputs():

@@ -223,6 +223,37 @@ def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, dataset, t
     assert packed["eval_loss_after"] == pytest.approx(padded["eval_loss_after"], rel=1e-5)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_output_head_runs_only_where_the_loss_is_taken_with_the_same_loss_and_gradients(dataset, tiny_base,
+                                                                                          packing):
+    """The fine-tune's collator keeps only the positions that predict a labelled token: the same loss and LoRA
+    gradients as full logits, from a fraction of them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    from pipeline.data import tokenize_example
+    from tasks.finetune import TokenCounter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    examples = [tokenize_example(r, dataset.form, tokenizer, 128) for r in dataset.train[:8]]
+    results = []
+    for selective in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                               LoraConfig(r=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+        collate = DataCollatorWithFlattening(separator_id=-100) if packing \
+            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        batch = TokenCounter(collate, selective_head=selective)([dict(e) for e in examples])
+        out = model(**batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
+        out.loss.backward()
+        results.append((out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]),
+                        out.logits.shape[1]))
+    (full_loss, full_grad, full_positions), (loss, grad, positions) = results
+    assert loss == pytest.approx(full_loss, rel=1e-6)
+    assert torch.allclose(grad, full_grad, rtol=1e-5, atol=1e-7) and grad.abs().sum() > 0
+    assert positions < full_positions / 3
+
+
 def test_rectangular_batches_put_longest_first_and_cut_each_batch_to_its_shortest():
     from tasks.quantize import rectangular_batches
 

