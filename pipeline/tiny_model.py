@@ -51,18 +51,19 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_qwen2(out_dir: Path, seed: int = 0, **shape: int) -> Path:
-    """Write a random 2-layer Qwen2 (tied embeddings, like Qwen2-1.5B) and its tokenizer to `out_dir`; `shape`
-    overrides config sizes (e.g. intermediate_size=240, a width some serving kernels refuse)."""
+def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> Path:
+    """Write a random 2-layer Qwen2 (tied embeddings, like Qwen2-1.5B) and its tokenizer to `out_dir`."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
         return out_dir
     tokenizer = build_byte_tokenizer()
-    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2} | shape
     config = Qwen2Config(
         vocab_size=320,
-        **sizes,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=None,
@@ -79,7 +80,7 @@ def build_tiny_qwen2(out_dir: Path, seed: int = 0, **shape: int) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "BUILT_BY.json").write_text(json.dumps({"builder": "build_tiny_qwen2", "seed": seed, **shape}))
+    (tmp / "BUILT_BY.json").write_text(json.dumps({"builder": "build_tiny_qwen2", "seed": seed}))
     tmp.rename(out_dir)
     logger.info("built tiny random Qwen2 at %s", out_dir)
     return out_dir

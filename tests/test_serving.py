@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tiny_model import build_tiny_qwen2
 from pipeline.vllm_env import VLLM_CPU, vllm_python
 from tests.conftest import run_cli
 from tests.processes import free_port, stop
@@ -64,18 +63,21 @@ def test_the_pipeline_checks_the_release_in_vllm(checked_run):
 @pytest.mark.slow
 @pytest.mark.network
 def test_the_served_endpoint_answers_like_the_check(vllm, checked_run, tmp_path):
-    """`vllm serve <release>` (OpenAI-compatible) on 127.0.0.1 gives the check's greedy answers; stopped by pid."""
+    """vLLM's OpenAI-compatible server on the release, on 127.0.0.1, gives the check's greedy answers; stopped by
+    pid. Started as the model card says for the CPU build: `python -m vllm.entrypoints.openai.api_server`, because
+    vllm-cpu 0.32.0's `vllm` command looks up a package named `vllm` and exits (PackageNotFoundError)."""
     release = checked_run / "release"
+    assert "python -m vllm.entrypoints.openai.api_server --model ." in (release / "README.md").read_text()
     answers = json.loads((checked_run / "serve" / "serving.json").read_text())["answers"]
     rows = [json.loads(line) for line in (checked_run / "data" / "eval.jsonl").read_text().splitlines()]
     port, log = free_port(), tmp_path / "vllm-serve.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     env.pop("PYTHONPATH", None)
     with open(log, "w") as out:
-        server = subprocess.Popen([str(vllm.parent / "vllm"), "serve", str(release), "--host", "127.0.0.1", "--port",
-                                   str(port), "--served-model-name", "release", "--max-model-len", "256",
-                                   "--enforce-eager"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
+        server = subprocess.Popen([str(vllm), "-m", "vllm.entrypoints.openai.api_server", "--model", ".",
+                                   "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "release",
+                                   "--max-model-len", "256", "--enforce-eager"], cwd=release, stdout=out,
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_for(f"http://127.0.0.1:{port}/health", server, log, seconds=300)
         for row, expected in list(zip(rows, answers, strict=True))[:4]:
@@ -92,16 +94,15 @@ def test_the_served_endpoint_answers_like_the_check(vllm, checked_run, tmp_path)
 @pytest.mark.slow
 @pytest.mark.network
 def test_a_model_vllm_cannot_load_fails_the_gate(vllm, tmp_path):
-    """An MLP width of 240 quantizes and loads in transformers, but vLLM's CPU int4 kernel takes only multiples of
-    32: the run fails at the gate with vLLM's own words, publishes no release and leaves latest.json alone."""
-    base = build_tiny_qwen2(tmp_path / "tiny-240", intermediate_size=240)
+    """int8 GPTQ quantizes and reloads in transformers, but vLLM's CPU build serves only int4 GPTQ: the run fails at
+    the gate with vLLM's own words, publishes no release and leaves latest.json alone."""
     store = tmp_path / "store"
-    result = run_cli("--config", "smoke", "--store", str(store), "--set", f"model.name_or_path={base}",
-                     "--set", "quantization.group_size=16", "--set", "serving.check=true")
+    result = run_cli("--config", "smoke", "--store", str(store), "--set", "quantization.bits=8",
+                     "--set", "serving.check=true")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "failed the quality gate" in result.stderr
-    assert "vLLM 0.32.0 could not load the quantized model" in result.stderr
-    assert "multiples of 32" in result.stderr  # what vLLM said
+    assert "vLLM 0.32.0 could not load the quantized model: ValueError:" in result.stderr
+    assert "uint8b128" in result.stderr  # what vLLM said: no kernel for 8-bit weights
     summary = json.loads((store / "smoke" / "run.json").read_text())
     assert summary["status"] == "failed" and summary["failed_stage"] == "gate"
     assert not (store / "smoke" / "release").exists() and not (store / "latest.json").exists()
@@ -132,6 +133,23 @@ def test_a_vllm_that_hangs_fails_the_stage_or_is_skipped_and_retried(checked_run
     assert again.returncode == 0, again.stderr[-3000:]
     serve = json.loads((store / "smoke" / "run.json").read_text())["stages"]["serve"]
     assert serve["reused"] is False and serve["metrics"]["loaded"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_the_throughput_benchmark_runs_the_three_engines_on_the_same_prompts(checked_run, tmp_path):
+    out = tmp_path / "serving.json"
+    result = subprocess.run([sys.executable, "benchmarks/serving.py", "--run", str(checked_run), "--prompts", "8",
+                             "--repeats", "1", "--max-new-tokens", "8", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    engines = json.loads(out.read_text())["engines"]
+    assert list(engines) == ["vLLM int4 (GPTQ)", "transformers int4 (GPTQ)", "transformers fp32 (merged)"]
+    for figures in engines.values():
+        assert figures["generated_tokens"] > 0 and figures["tokens_per_second"] > 0
+        assert figures["peak_rss_bytes"] > 50 * 2**20
+    assert engines["transformers int4 (GPTQ)"]["same_answers"] == 100.0  # the reference against itself
+    assert "| vLLM int4 (GPTQ) |" in result.stdout
 
 
 def test_a_folder_that_is_not_a_model_is_refused_before_vllm_starts(tmp_path):
