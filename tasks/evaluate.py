@@ -31,15 +31,21 @@ logger = logging.getLogger(__name__)
 
 
 def perplexity(model, examples: list[dict[str, list[int]]], batch_size: int) -> float:
-    """exp(mean negative log-likelihood) over every labelled token of `examples`.
+    """exp(mean negative log-likelihood) over every labelled token of `examples`."""
+    return teacher_forced(model, examples, batch_size)[0]
 
-    The output head runs only at the positions that predict a labelled token in some row of the batch (the model's
-    own head, through `logits_to_keep`): with a 49k vocabulary, full logits for the prompt tokens cost a fifth of
-    the pass and are thrown away.
+
+def teacher_forced(model, examples: list[dict[str, list[int]]],
+                   batch_size: int) -> tuple[float, list[dict[int, int]]]:
+    """One forward pass over each example with its reference: the perplexity on the labelled tokens, and for each
+    example the model's most likely next token at every position that predicts a labelled one ({position: token}).
+
+    The output head runs only at those positions (the model's own head, through `logits_to_keep`): with a 49k
+    vocabulary, logits for the prompt tokens cost a fifth of the pass and are thrown away.
     """
     import torch
 
-    total, count = 0.0, 0
+    total, count, predicted = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         width = max(len(e["input_ids"]) for e in batch)
@@ -57,7 +63,35 @@ def perplexity(model, examples: list[dict[str, list[int]]], batch_size: int) -> 
                                                 ignore_index=IGNORE_INDEX, reduction="sum")
         total += nll.item()
         count += int((targets != IGNORE_INDEX).sum())
-    return math.exp(total / count)
+        best = logits.argmax(dim=-1).tolist()
+        positions = predicts.tolist()
+        predicted += [{p: row[k] for k, p in enumerate(positions) if p + 1 < len(e["input_ids"])}
+                      for row, e in zip(best, batch, strict=True)]
+    return math.exp(total / count), predicted
+
+
+def verified_greedy(example: dict[str, list[int]], prompt_ids: list[int], predicted: dict[int, int],
+                    stops: set[int], max_new_tokens: int) -> list[int] | None:
+    """The greedy answer's tokens (its stop token included), when the teacher-forced pass shows that greedy decoding
+    from `prompt_ids` writes the reference itself; else None, and the answer has to be generated.
+
+    While greedy output equals the reference, the model's next choice is the argmax at the reference's next
+    position, which the perplexity pass already computed: the reference is a draft that one forward pass verified
+    (speculative decoding's check). So greedy decoding writes the reference when every argmax matches it, up to a
+    stop token or `max_new_tokens`.
+    """
+    start = len(prompt_ids)
+    if example["input_ids"][:start] != prompt_ids:
+        return None
+    out: list[int] = []
+    for position in range(start, len(example["input_ids"])):
+        token = example["input_ids"][position]
+        if predicted.get(position - 1) != token:
+            return None
+        out.append(token)
+        if token in stops or len(out) == max_new_tokens:
+            return out
+    return None  # the example ends (cut at max_length) before the answer does
 
 
 def greedy_answers(model, tokenizer, prompts: list[Any], form: str, max_new_tokens: int, batch_size: int) -> list[str]:
@@ -114,17 +148,46 @@ def rtn_quantize_(model, bits: int, group_size: int, sym: bool = True):
 
 
 def score_model(model, tokenizer, rows: list[dict], form: str, cfg: EvaluateConfig, max_length: int) -> dict[str, Any]:
+    """Perplexity on the references, then, where rows have references, the greedy answers and their exact match.
+
+    Answers the teacher-forced pass already proves (`verified_greedy`) are not generated again; the others are
+    generated greedily, batched. Both give the greedy answer: the figures are those of generating every row.
+    """
     start = time.perf_counter()
     model.eval()
     examples = [tokenize_example(r, form, tokenizer, max_length) for r in rows]
-    result: dict[str, Any] = {"perplexity": perplexity(model, examples, cfg.batch_size)}
+    ppl, predicted = teacher_forced(model, examples, cfg.batch_size)
+    result: dict[str, Any] = {"perplexity": ppl}
     prompts, references = zip(*(split_prompt(r, form) for r in rows), strict=True)
     if all(ref is not None for ref in references):
-        answers = greedy_answers(model, tokenizer, list(prompts), form, cfg.max_new_tokens, cfg.batch_size)
+        stops = stop_tokens(model)
+        answers: list[str | None] = []
+        for example, prompt, guess in zip(examples, prompts, predicted, strict=True):
+            tokens = verified_greedy(example, prompt_ids(prompt, form, tokenizer), guess, stops, cfg.max_new_tokens)
+            answers.append(None if tokens is None else tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        todo = [i for i, a in enumerate(answers) if a is None]
+        generated = greedy_answers(model, tokenizer, [prompts[i] for i in todo], form, cfg.max_new_tokens,
+                                   cfg.batch_size)
+        for i, answer in zip(todo, generated, strict=True):
+            answers[i] = answer
+        result["generated_rows"] = len(todo)
         result["exact_match"] = 100.0 * sum(a == ref.strip() for a, ref in zip(answers, references, strict=True)) / len(rows)
         result["answers"] = answers
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def prompt_ids(prompt: Any, form: str, tokenizer) -> list[int]:
+    """The token ids greedy_answers feeds the model for a prompt."""
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if form == "chat" \
+        else prompt
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_tokens(model) -> set[int]:
+    """The tokens that end a greedy answer in `model.generate`: its generation config's end-of-sequence ids."""
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else set(eos) if isinstance(eos, list) else {eos}
 
 
 def score_models(sources: dict[str, Path], tokenizer_dir: Path, rows: list[dict], form: str, cfg: EvaluateConfig,

@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import vllm_worker
+from pipeline.cache import cache_root
 from pipeline.config import PipelineConfig, ServingConfig
 from pipeline.data import split_prompt
 from pipeline.errors import BadInputError
@@ -88,7 +91,7 @@ def run_worker(python: Path, request: dict[str, Any], out_dir: Path, serving: Se
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise VllmCrashed(f"vLLM did not finish the check within serving.timeout_s ({serving.timeout_s} s, "
                               f"environment build included) and was stopped; {tail(log_file)}") from None
@@ -103,9 +106,14 @@ def run_worker(python: Path, request: dict[str, Any], out_dir: Path, serving: Se
 
 
 def tail(log_file: Path, lines: int = 8) -> str:
-    """The end of vLLM's log, for an error message (its full log stays in the stage's scratch folder)."""
-    text = log_file.read_text(errors="replace").strip().splitlines() if log_file.is_file() else []
-    return "its log ends: " + " | ".join(line.strip()[:300] for line in text[-lines:]) if text else "it wrote no log"
+    """The end of vLLM's log for an error message, and where its whole log is kept: a failed stage's folder is
+    removed, so the log is copied to the machine cache's `logs/` first."""
+    if not log_file.is_file() or not (text := log_file.read_text(errors="replace").strip().splitlines()):
+        return "it wrote no log"
+    kept = cache_root() / "logs" / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(log_file, kept)
+    return f"its log ({kept}) ends: " + " | ".join(line.strip()[:300] for line in text[-lines:])
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,29 @@ def test_exact_match_of_a_model_on_its_own_outputs_is_100(tiny, smoke_eval):
         100.0 * sum(a == r for a, r in zip(own, references, strict=True)) / len(rows)
 
 
+def test_answers_the_reference_pass_verifies_are_the_greedy_answers(tiny, smoke_eval):
+    """Rows whose reference is the model's own greedy output are verified by the perplexity pass and not generated;
+    the others are generated; either way the answers are those of greedy generation, row for row."""
+    from tasks.evaluate import prompt_ids, stop_tokens
+
+    model, tokenizer = tiny
+    rows, form = smoke_eval
+    prompts = [split_prompt(r, form)[0] for r in rows]
+    greedy = greedy_answers(model, tokenizer, prompts, form, max_new_tokens=6, batch_size=4)
+    own = []  # the model's greedy output as text, up to its stop token, not stripped
+    for prompt in prompts:
+        ids = torch.tensor([prompt_ids(prompt, form, tokenizer)])
+        new = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+        own.append(tokenizer.decode(new[:next((i for i, t in enumerate(new) if t in stop_tokens(model)), len(new))]))
+    # half the rows carry the model's own output as their reference, half the data's (which it does not write)
+    mixed = [{"messages": p + [{"role": "assistant", "content": o if i % 2 else r["messages"][-1]["content"]}]}
+             for i, (p, o, r) in enumerate(zip(prompts, own, rows, strict=True))]
+    scored = score_model(model, tokenizer, mixed, form, EvaluateConfig(max_new_tokens=6, batch_size=4), 128)
+    assert scored["answers"] == greedy
+    assert scored["generated_rows"] == len(rows) // 2  # the model's own outputs were verified, not generated
+    assert score_model(model, tokenizer, rows, form, EvaluateConfig(max_new_tokens=6), 128)["answers"] == greedy
+
+
 def test_rtn_model_changes_every_linear_but_the_head(tiny_base):
     from transformers import AutoModelForCausalLM
 
