@@ -20,6 +20,7 @@ from pipeline.config import EvaluateConfig, QuantizationConfig
 from pipeline.data import IGNORE_INDEX, split_prompt, tokenize_example
 from pipeline.gguf_base import is_gguf
 from pipeline.keys import code_version
+from pipeline.output_head import selective_head
 from pipeline.report import write_evaluation
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
@@ -45,6 +46,7 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
     """
     import torch
 
+    selective = selective_head(model)
     total, count, predicted = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
@@ -57,7 +59,10 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
         predicts = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # position p predicts p + 1
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=predicts).logits.float()
+            if selective:
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=predicts).logits.float()
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, predicts].float()
         targets = labels[:, predicts + 1]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                 ignore_index=IGNORE_INDEX, reduction="sum")
@@ -151,7 +156,8 @@ def score_model(model, tokenizer, rows: list[dict], form: str, cfg: EvaluateConf
     """Perplexity on the references, then, where rows have references, the greedy answers and their exact match.
 
     Answers the teacher-forced pass already proves (`verified_greedy`) are not generated again; the others are
-    generated greedily, batched. Both give the greedy answer: the figures are those of generating every row.
+    generated greedily, batched. Both give the greedy answer, so the figures are those of generating every row, up
+    to the float-level differences any change of batch composition makes (a near-tie can fall either way).
     """
     start = time.perf_counter()
     model.eval()

@@ -17,6 +17,7 @@ from pipeline.config import LoraConfig, TrainingConfig
 from pipeline.data import Dataset, tokenize_example
 from pipeline.errors import StageCheckError
 from pipeline.keys import code_version
+from pipeline.output_head import selective_head
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, key_of, run_stage
 from pipeline.store import describe_files, retrying
@@ -115,7 +116,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     # block-diagonal causal mask from the restarting position ids, so no token attends across examples.
     collator = TokenCounter(DataCollatorWithFlattening(separator_id=-100) if training.packing
                             else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                            selective_head=not fused)  # Liger's fused loss never builds the full logits anyway
+                            # Liger's fused loss never builds the full logits anyway
+                            selective_head=not fused and selective_head(model))
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         callbacks=[ProgressLogger()] + ([sync] if sync else []),
