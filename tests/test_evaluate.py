@@ -141,3 +141,19 @@ def test_quality_benchmark_script_runs_on_the_smoke_job(tmp_path):
     summary = json.loads(out.read_text())
     assert set(summary["models"]) == {"base", "merged", "rtn", "gptq"}
     assert summary["median_wall_seconds"] > 0 and "quantize" in summary["stage_seconds"]
+
+
+def test_the_gate_refuses_a_model_vllm_serves_worse_or_cannot_load_and_says_what_vllm_said():
+    gate = GateConfig(max_ppl_increase=0.25, max_serving_gap=2.0)
+    served = {"checked": True, "loaded": True, "vllm_version": "0.32.0", "exact_match": 86.0, "agreement": 93.5}
+    assert check_gate({"models": MODELS, "serving": served | {"exact_match": 85.0}}, gate) == []  # GPTQ 86: 1 point
+    [gap] = check_gate({"models": MODELS, "serving": served | {"exact_match": 83.5}}, gate)
+    assert gap == ("vLLM's exact match 83.5% is 2.5 points below transformers' GPTQ 86.0% on the same prompts "
+                   "(93.5% of answers identical; gate.max_serving_gap allows 2.0)")
+    refused = {"checked": True, "loaded": False, "vllm_version": "0.32.0", "error": "ValueError: no kernel for uint8b128"}
+    [failure] = check_gate({"models": MODELS, "serving": refused}, gate)
+    assert failure.startswith("vLLM 0.32.0 could not load the quantized model: ValueError: no kernel for uint8b128")
+    off = {"checked": False, "reason": "serving.check is off: vLLM did not load this model"}
+    assert check_gate({"models": MODELS, "serving": off}, gate) == []
+    assert check_gate({"models": MODELS, "serving": served | {"exact_match": 0.0}},
+                      GateConfig(max_ppl_increase=0.25, max_serving_gap=None)) == []
