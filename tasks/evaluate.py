@@ -103,8 +103,7 @@ def greedy_answers(model, tokenizer, prompts: list[Any], form: str, max_new_toke
     """Greedy continuations (special tokens stripped, whitespace trimmed), batched with left padding."""
     import torch
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if form == "chat" else p
-             for p in prompts]
+    texts = [prompt_text(p, form, tokenizer) for p in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
@@ -183,11 +182,16 @@ def score_model(model, tokenizer, rows: list[dict], form: str, cfg: EvaluateConf
     return result
 
 
+def prompt_text(prompt: Any, form: str, tokenizer) -> str:
+    """What greedy generation continues: a chat prompt through the model's template, a plain prompt as it is."""
+    if form == "chat":
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
 def prompt_ids(prompt: Any, form: str, tokenizer) -> list[int]:
     """The token ids greedy_answers feeds the model for a prompt."""
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if form == "chat" \
-        else prompt
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt_text(prompt, form, tokenizer), add_special_tokens=False)["input_ids"]
 
 
 def stop_tokens(model) -> set[int]:
