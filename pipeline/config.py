@@ -93,7 +93,10 @@ class TrainingConfig(_Section):
     fused_kernels: Literal["auto", "on", "off"] = Field(
         default="auto", description="Liger kernels (fused linear cross-entropy: no full logits tensor, fused RMSNorm, "
                                     "RoPE, SwiGLU); auto = on when CUDA is present and liger-kernel is installed.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="bf16 is mixed precision (bf16 arithmetic; the frozen base held in bf16 on GPU, "
+                                    "fp32 on CPU). auto: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), "
+                                    "else fp32.")
     qlora: bool = Field(default=False, description="Train on a 4-bit bitsandbytes copy of the base (CUDA only).")
     seed: int = Field(default=0, description="Seed of the LoRA initialisation and the data order.")
 

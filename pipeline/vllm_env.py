@@ -30,6 +30,7 @@ VLLM_CUDA = "vllm==0.32.0"      # the same release for CUDA machines; not checke
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 READY = "READY.json"
 CHECK = "import vllm, transformers; print(vllm.__version__)"
+NICE = shutil.which("nice")  # POSIX; without it a background build runs at normal priority
 
 
 class VllmUnavailable(RuntimeError):
@@ -47,11 +48,16 @@ def venv_dir(requirement: str, pip_args: Sequence[str] = ()) -> Path:
     return cache_root() / "venvs" / f"{slug}-{digest[:8]}"
 
 
-def vllm_python(requirement: str, pip_args: Sequence[str] = (), timeout_s: float = 1800) -> Path:
+def vllm_python(requirement: str, pip_args: Sequence[str] = (), timeout_s: float = 1800,
+                 background: bool = False) -> Path:
     """The interpreter of a ready environment with `requirement` installed, building it first if needed.
 
-    Two runs on one machine build it once (a file lock); a build that died half-way is removed and redone.
+    Two runs on one machine build it once (a file lock); a build that died half-way is removed and redone. A
+    `background` build runs at the lowest CPU priority, on the cycles the run's own work leaves idle.
     """
+    def run(command: list[str], what: str, hint: str = "") -> str:
+        return _run(([NICE, "-n", "19"] if background and NICE else []) + command, what, timeout_s, hint)
+
     home = venv_dir(requirement, pip_args)
     python = home / "bin" / "python"
     home.parent.mkdir(parents=True, exist_ok=True)
@@ -64,16 +70,15 @@ def vllm_python(requirement: str, pip_args: Sequence[str] = (), timeout_s: float
             shutil.rmtree(home)
         logger.info("serve: building vLLM's environment (%s) in %s, once per machine (about a minute, 3.5 GB)",
                     requirement, home)
-        _run([sys.executable, "-m", "venv", str(home)], "create the virtual environment", timeout_s)
+        run([sys.executable, "-m", "venv", str(home)], "create the virtual environment")
         # --no-compile: no bytecode for the thousands of modules never imported (half the build's time); Python
         # compiles what vLLM imports on first use.
-        _run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", requirement, *pip_args],
-             f"pip install {requirement}",
-             timeout_s, hint="If pip found no matching torch (the CPU build pins torch==X+cpu), add PyTorch's CPU "
-                             "index: --set 'serving.pip_args=[--extra-index-url, https://download.pytorch.org/whl/cpu]'")
-        _run([str(python), "-m", "pip", "uninstall", "--quiet", "--yes", *UNWANTED], "remove torchvision and friends",
-             timeout_s)
-        version = _run([str(python), "-c", CHECK], "import vllm", timeout_s).strip().splitlines()[-1]
+        run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", requirement, *pip_args],
+            f"pip install {requirement}",
+            hint="If pip found no matching torch (the CPU build pins torch==X+cpu), add PyTorch's CPU "
+                 "index: --set 'serving.pip_args=[--extra-index-url, https://download.pytorch.org/whl/cpu]'")
+        run([str(python), "-m", "pip", "uninstall", "--quiet", "--yes", *UNWANTED], "remove torchvision and friends")
+        version = run([str(python), "-c", CHECK], "import vllm").strip().splitlines()[-1]
         (home / READY).write_text(json.dumps({"requirement": requirement, "pip_args": list(pip_args),
                                               "vllm_version": version}))
         logger.info("serve: vLLM %s ready in %s", version, home)
@@ -93,7 +98,7 @@ def build_in_background(requirement: str, pip_args: Sequence[str] = (), timeout_
 
     def build() -> None:
         try:
-            vllm_python(requirement, pip_args, timeout_s)
+            vllm_python(requirement, pip_args, timeout_s, background=True)
         except VllmUnavailable as exc:  # the serve stage tries again and reports it
             logger.warning("serve: building vLLM's environment in the background failed: %s", exc)
 

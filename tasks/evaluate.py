@@ -47,9 +47,12 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
     import torch
 
     selective = selective_head(model)
-    total, count, predicted = 0.0, 0, []
+    total, count = 0.0, 0
+    predicted: list[dict[int, int]] = [{} for _ in examples]
+    order = by_length([len(e["input_ids"]) for e in examples])  # batches of like lengths: less padding
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+        indices = order[start:start + batch_size]
+        batch = [examples[i] for i in indices]
         width = max(len(e["input_ids"]) for e in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -70,9 +73,14 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
         count += int((targets != IGNORE_INDEX).sum())
         best = logits.argmax(dim=-1).tolist()
         positions = predicts.tolist()
-        predicted += [{p: row[k] for k, p in enumerate(positions) if p + 1 < len(e["input_ids"])}
-                      for row, e in zip(best, batch, strict=True)]
+        for i, row, e in zip(indices, best, batch, strict=True):
+            predicted[i] = {p: row[k] for k, p in enumerate(positions) if p + 1 < len(e["input_ids"])}
     return math.exp(total / count), predicted
+
+
+def by_length(lengths: list[int]) -> list[int]:
+    """Indices in order of length (stable), so that each batch pads to a similar width."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 def verified_greedy(example: dict[str, list[int]], prompt_ids: list[int], predicted: dict[int, int],
@@ -100,21 +108,25 @@ def verified_greedy(example: dict[str, list[int]], prompt_ids: list[int], predic
 
 
 def greedy_answers(model, tokenizer, prompts: list[Any], form: str, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations (special tokens stripped, whitespace trimmed), batched with left padding."""
+    """Greedy continuations (special tokens stripped, whitespace trimmed), batched with left padding, prompts of
+    like lengths together."""
     import torch
 
     texts = [prompt_text(p, form, tokenizer) for p in prompts]
+    order = by_length([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
+    answers = [""] * len(texts)
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            indices = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                      temperature=None, top_p=None, top_k=None)
-            answers += [a.strip() for a in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                                                   skip_special_tokens=True)]
+            decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, answer in zip(indices, decoded, strict=True):
+                answers[i] = answer.strip()
     finally:
         tokenizer.padding_side = side
     return answers

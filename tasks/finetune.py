@@ -1,4 +1,5 @@
-"""Stage 1: LoRA fine-tune of the full-precision base (fp32 on CPU, bf16 on GPU; optional QLoRA on CUDA)."""
+"""Stage 1: LoRA fine-tune of the full-precision base (bf16 mixed precision where the hardware has bf16 arithmetic, else
+fp32; optional QLoRA on CUDA)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
                 dataset.form, len(train_set), len(eval_set), n_tokens)
 
     on_gpu = torch.cuda.is_available()
-    bf16 = training.precision == "bf16" or (training.precision == "auto" and on_gpu)
-    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32,
+    bf16 = uses_bf16(training.precision, on_gpu)
+    # bf16 is mixed precision: bf16 arithmetic (autocast); on a GPU the frozen base is held in bf16 too, to halve
+    # its memory; on a CPU it stays fp32, which costs nothing in speed there
+    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 and on_gpu else torch.float32,
                                    "trust_remote_code": trust_remote_code}
     if training.qlora:
         from transformers import BitsAndBytesConfig
@@ -160,6 +163,22 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "tokens_per_second": train_tokens / result.metrics["train_runtime"],
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
     }
+
+
+def uses_bf16(precision: str, on_gpu: bool) -> bool:
+    """Whether to train in bf16 mixed precision: when asked, or with `auto` on a GPU and on a CPU with native bf16
+    arithmetic (AVX512-BF16 or AMX), where the default job's steps take about 0.7 of fp32's time
+    (benchmarks/RESULTS.md). Other CPUs emulate bf16, slower than fp32: they train in fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    return on_gpu or cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    import torch
+
+    native = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in native)
 
 
 def name_base(model, name: str) -> None:

@@ -90,6 +90,27 @@ def test_answers_the_reference_pass_verifies_are_the_greedy_answers(tiny, smoke_
     assert score_model(model, tokenizer, rows, form, EvaluateConfig(max_new_tokens=6), 128)["answers"] == greedy
 
 
+def test_batched_answers_come_back_row_for_row(tiny_base, smoke_eval):
+    """Prompts are batched in order of length; each answer must still land on its own row. The tiny model answers
+    every prompt with blank lines, so its weights are redrawn larger here: its answers then differ by prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.evaluate import prompt_ids
+
+    rows, form = smoke_eval
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_base).eval(), AutoTokenizer.from_pretrained(tiny_base)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() > 1):
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    prompts = [split_prompt(r, form)[0] for r in rows]
+    lengths = [len(prompt_ids(p, form, tokenizer)) for p in prompts]
+    assert lengths != sorted(lengths)  # batching by length reorders these rows
+    one_by_one = [greedy_answers(model, tokenizer, [p], form, max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert len(set(one_by_one)) >= 4
+    assert greedy_answers(model, tokenizer, prompts, form, max_new_tokens=6, batch_size=4) == one_by_one
+
+
 def test_rtn_model_changes_every_linear_but_the_head(tiny_base):
     from transformers import AutoModelForCausalLM
 
