@@ -206,11 +206,32 @@ def test_training_resumes_from_its_last_checkpoint(cfg, dataset, tiny_base, tmp_
     assert second["resumed_from"] == "checkpoint-10" and second["steps"] == 20
 
 
+def test_bf16_on_cpu_is_mixed_precision_with_fp32_weights(cfg, dataset, tiny_base, tmp_path):
+    """bf16 on a CPU trains with bf16 arithmetic over fp32 weights: it learns, it says bf16, the adapter it ships is
+    fp32, and its losses are near, not equal to, an fp32 run's (so the arithmetic really changed)."""
+    from safetensors.torch import load_file
+
+    from tasks.finetune import uses_bf16
+
+    assert uses_bf16("bf16", on_gpu=False) and not uses_bf16("fp32", on_gpu=True) and uses_bf16("auto", on_gpu=True)
+    steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1})
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        metrics = train_lora(tiny_base, dataset, cfg.data.max_length, cfg.lora,
+                             steps.model_copy(update={"precision": precision}), out, tmp_path / f"ckpt-{precision}")
+        assert metrics["precision"] == precision and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+        assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.float32}
+        losses[precision] = [e["loss"] for e in json.loads((out / "training_log.json").read_text())]
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
 def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, dataset, tiny_base, tmp_path):
     """Packed rows restart their position ids, so attention never crosses examples: per-step losses are the padded
     run's (fp32), on the same real tokens; a leaking mask would move them (measured 0.68 in logits)."""
     no_dropout = cfg.lora.model_copy(update={"lora_dropout": 0.0})
-    steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4})
+    steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4,
+                                            "precision": "fp32"})
     runs = {}
     for packing in (False, True):
         out = tmp_path / f"packing-{packing}"
