@@ -97,7 +97,9 @@ class TrainingConfig(_Section):
         default="auto", description="bf16 is mixed precision (bf16 arithmetic; the frozen base held in bf16 on GPU, "
                                     "fp32 on CPU). auto: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), "
                                     "else fp32.")
-    qlora: bool = Field(default=False, description="Train on a 4-bit bitsandbytes copy of the base (CUDA only).")
+    qlora: bool = Field(default=False, description="QLoRA: train the adapter over an nf4 (double-quantized) bitsandbytes "
+                                                   "copy of the base, on CUDA or CPU; the merge and GPTQ use the "
+                                                   "full-precision base as usual. pip install '.[qlora]'.")
     seed: int = Field(default=0, description="Seed of the LoRA initialisation and the data order.")
 
 

@@ -61,17 +61,29 @@ def preflight(cfg: PipelineConfig) -> Dataset:
 
 
 def check_qlora(qlora: bool) -> list[str]:
+    """QLoRA needs bitsandbytes and a device its nf4 kernels run on (CUDA, or a CPU with bitsandbytes >= 0.46): a
+    64x64 round trip through nf4 on the device that will train, milliseconds, before any weights load."""
     if not qlora:
         return []
     import torch
 
-    if not torch.cuda.is_available():
-        return ["training.qlora is true but no CUDA GPU is visible: bitsandbytes 4-bit training needs one. "
-                "Set training.qlora=false to train LoRA on the full-precision base (CPU works), or run on a GPU"]
-    from importlib.util import find_spec
-
-    if find_spec("bitsandbytes") is None:
-        return ["training.qlora is true but bitsandbytes is not installed: pip install '.[qlora]'"]
+    try:
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    except ImportError as exc:
+        return [f"training.qlora is true but bitsandbytes cannot be imported ({exc}): pip install '.[qlora]' "
+                "(bitsandbytes 0.50.2: nf4 on CUDA and on CPU), or set training.qlora=false to train LoRA on the "
+                "full-precision base"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        weights = torch.linspace(-1, 1, 64 * 64, device=device).reshape(64, 64)
+        packed, state = quantize_4bit(weights, quant_type="nf4", compress_statistics=True)
+        error = (dequantize_4bit(packed, state) - weights).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises is the answer
+        return [f"training.qlora is true but bitsandbytes' nf4 kernels do not run on this {device}: "
+                f"{type(exc).__name__}: {exc}. Set training.qlora=false to train LoRA on the full-precision base"]
+    if not error < 0.2:  # nf4's levels are at most 0.28 of a block's absmax apart; a broken kernel is far off
+        return [f"training.qlora is true but bitsandbytes' nf4 round trip on this {device} is off by {error:.3g} "
+                "(a working kernel is within 0.2 on values in [-1, 1]). Set training.qlora=false"]
     return []
 
 

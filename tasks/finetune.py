@@ -1,5 +1,5 @@
 """Stage 1: LoRA fine-tune of the full-precision base (bf16 mixed precision where the hardware has bf16 arithmetic, else
-fp32; optional QLoRA on CUDA)."""
+fp32), or QLoRA: the same adapter trained over an nf4 copy of the base (bitsandbytes, CUDA or CPU)."""
 
 from __future__ import annotations
 
@@ -75,16 +75,21 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     if training.qlora:
         from transformers import BitsAndBytesConfig
 
+        # nf4 with double quantization (QLoRA's recipe); bitsandbytes >= 0.46 runs it on CPU as well as CUDA
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
     if training.qlora:
         model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
+        keep_training_layout(model)
     model = get_peft_model(model, PeftLoraConfig(
         r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
         target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
     trainable, total = model.get_nb_trainable_parameters()
+    nf4_layers = count_nf4_layers(model) if training.qlora else 0
+    if training.qlora:
+        logger.info("QLoRA: %d linear layers of the base held in nf4 (double-quantized) while training", nf4_layers)
     logger.info("LoRA r=%d on %s: %d trainable of %d parameters (%.3f%%)",
                 lora.r, ",".join(lora.target_modules), trainable, total, 100 * trainable / total)
 
@@ -156,6 +161,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "resumed_from": Path(resume).name if resume else None,
         "precision": "bf16" if bf16 else "fp32",
         "qlora": training.qlora,
+        "nf4_layers": nf4_layers,
         "packing": training.packing,
         "fused_kernels": fused,
         "train_seconds": result.metrics["train_runtime"],
@@ -179,6 +185,23 @@ def cpu_has_bf16() -> bool:
 
     native = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(check() for check in native)
+
+
+def count_nf4_layers(model) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_state.quant_type == "nf4" for m in model.modules())
+
+
+def keep_training_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout its training path reads. On a CPU with AVX512-BF16,
+    bitsandbytes 0.50.2 repacks a layer's weights for fast inference the first time it runs in eval mode (the
+    trainer's eval loss before training) and never packs them back: the training step that follows takes the
+    inference kernel and fails ("a view of a leaf Variable that requires grad is being used in an in-place
+    operation"). Eval then runs on the training layout, a little slower."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def name_base(model, name: str) -> None:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
 
@@ -99,6 +100,26 @@ def test_cli_smoke_writes_gptq_checkpoint_and_ends_with_run_summary(tmp_path):
     assert "eval loss" in result.stderr and "steps/s, ETA" in result.stderr
     first = result.stderr.lstrip().splitlines()[0]
     assert "| pipeline.preflight - preflight passed" in first, f"a dependency spoke first: {first}"
+
+
+def test_qlora_route_trains_over_nf4_then_merges_into_full_precision(tmp_path):
+    """QLoRA end to end on CPU: the adapter trains over an nf4 copy of the base (bitsandbytes), the merge folds it
+    into the full-precision base (never into 4-bit weights) and GPTQ quantizes that, as in the default route."""
+    from safetensors import safe_open
+
+    result = run_cli("--config", "smoke", "--store", str(tmp_path), "--set", "training.qlora=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "QLoRA: 14 linear layers of the base held in nf4" in result.stderr  # 2 layers x 7 projections
+    stages = json.loads((tmp_path / "smoke" / "run.json").read_text())["stages"]
+    finetune = stages["finetune"]["metrics"]
+    assert finetune["qlora"] and finetune["nf4_layers"] == 14
+    assert finetune["eval_loss_after"] < finetune["eval_loss_before"]
+    assert stages["merge"]["metrics"]["dtype"] == "float32" and stages["merge"]["metrics"]["logits_max_abs_diff"] < 1e-3
+    with safe_open(tmp_path / "smoke" / "merge" / "model.safetensors", "pt") as merged:
+        assert merged.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float32
+    qc = json.loads((tmp_path / "smoke" / "quantize" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["bits"]) == ("gptq", 4)
+    assert (tmp_path / "smoke" / "release" / "README.md").is_file()
 
 
 def test_cli_failure_exits_1_keeps_finished_stages_and_records_the_error(tmp_path):

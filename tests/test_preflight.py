@@ -2,11 +2,11 @@
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.base_model import unquantized_name
 from pipeline.config import load_config
@@ -138,10 +138,17 @@ def test_chat_rows_without_assistant_are_refused(tmp_path, write_jsonl):
         preflight(cfg)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_qlora_without_cuda_is_refused(tmp_path):
+def test_qlora_passes_where_bitsandbytes_runs_nf4(tmp_path):
+    """bitsandbytes 0.50.2 runs nf4 on CPU: QLoRA is no longer refused for want of CUDA."""
     cfg = load_config("smoke", ["training.qlora=true"], store=str(tmp_path / "s"))
-    with pytest.raises(PreflightError, match="training.qlora is true but no CUDA GPU is visible"):
+    assert preflight(cfg).train
+
+
+def test_qlora_without_bitsandbytes_is_refused_with_the_install_command(tmp_path, monkeypatch):
+    for name in ("bitsandbytes", "bitsandbytes.functional"):
+        monkeypatch.setitem(sys.modules, name, None)  # what Python does when the package is not installed
+    cfg = load_config("smoke", ["training.qlora=true"], store=str(tmp_path / "s"))
+    with pytest.raises(PreflightError, match=r"bitsandbytes cannot be imported .*pip install '\.\[qlora\]'"):
         preflight(cfg)
 
 
