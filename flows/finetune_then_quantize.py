@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from pipeline.base_model import adapter_route
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data import Dataset
 from pipeline.errors import BadInputError
@@ -37,12 +38,13 @@ from pipeline.store import RUN_SUMMARY, StoreUnavailable, write_json
 from pipeline.summary import RunSummary, StageSummary
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
+from tasks.evaluate_adapter import evaluate_adapter
 from tasks.finetune import finetune
 from tasks.merge import merge
 from tasks.quantize import quantize
-from tasks.release import release
+from tasks.release import release, release_adapter
 from tasks.serve_check import prepare as prepare_serving
-from tasks.serve_check import serve_check
+from tasks.serve_check import serve_adapter_check, serve_check
 
 logger = logging.getLogger(__name__)
 FLOW_NAME = "finetune-then-quantize"
@@ -68,6 +70,13 @@ quantize_task = as_task(quantize, "quantize")
 serve_task = as_task(serve_check, "serve")
 evaluate_task = as_task(evaluate, "evaluate")
 release_task = as_task(release, "release")
+# The adapter route (model.quantized_base: adapter): the same stage names, for an adapter on a quantized base
+serve_adapter_task = as_task(serve_adapter_check, "serve")
+evaluate_adapter_task = as_task(evaluate_adapter, "evaluate")
+release_adapter_task = as_task(release_adapter, "release")
+NO_MERGE = ("the base is already quantized (model.quantized_base: adapter): an adapter cannot be merged into integer "
+            "weights, so it ships unmerged")
+NO_QUANTIZE = "the base is already quantized (model.quantized_base: adapter): quantizing it again would only lose more"
 
 
 class StageFailed(RuntimeError):
@@ -124,16 +133,23 @@ def run_pipeline(run: RunContext, dataset: Dataset) -> str:
         prepare_serving(run)  # vLLM's environment, if this machine has none, builds beside the fine-tune
         data = stage("data", data_task, quote(dataset))  # quote: Prefect does not walk every row for task inputs
         adapter = stage("finetune", finetune_task, data)
-        merged = stage("merge", merge_task, data, adapter)
-        quantized = stage("quantize", quantize_task, data, merged)
-        served = stage("serve", serve_task, data, quantized)
-        evaluation = stage("evaluate", evaluate_task, data, served)
+        if adapter_route(run.cfg):  # an adapter trained on a quantized base ships as it is
+            summary.skipped = {"merge": NO_MERGE, "quantize": NO_QUANTIZE}
+            served = stage("serve", serve_adapter_task, data, adapter)
+            evaluation = stage("evaluate", evaluate_adapter_task, data, served)
+            shipped, release_stage = adapter, release_adapter_task
+        else:
+            merged = stage("merge", merge_task, data, adapter)
+            quantized = stage("quantize", quantize_task, data, merged)
+            served = stage("serve", serve_task, data, quantized)
+            evaluation = stage("evaluate", evaluate_task, data, served)
+            shipped, release_stage = quantized, release_task
         summary.metrics_uri = f"{evaluation.uri}/metrics.json"
         reached = "gate"
         if failures := check_gate(evaluation.metrics, run.cfg.gate):
-            raise QualityGateError("the quantized model failed the quality gate, so it is not released and "
+            raise QualityGateError("the model failed the quality gate, so it is not released and "
                                    "latest.json was not moved: " + "; ".join(failures))
-        stage("release", release_task, quantized, evaluation)
+        stage("release", release_stage, shipped, evaluation)
         summary.status = "completed"
     except BaseException as exc:
         summary.status, summary.failed_stage, summary.error = "failed", reached, f"{type(exc).__name__}: {exc}"

@@ -122,3 +122,20 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES))
+
+
+def quantization_of(model_config: dict[str, Any]) -> str | None:
+    """How a config.json says its weights are quantized ("gptq 4-bit", "awq", ...), or None for full precision."""
+    quant = model_config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    return f"{method}{f' {bits}-bit' if bits else ''}"
+
+
+def adapter_route(cfg) -> bool:
+    """Whether this run trains an adapter on an already-quantized base and ships it unmerged (no merge, no
+    quantize): `model.quantized_base: adapter` and a base whose config.json says it is quantized."""
+    return cfg.model.quantized_base == "adapter" and quantization_of(
+        read_model_config(cfg.model.name_or_path, cfg.model.revision)) is not None

@@ -25,7 +25,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """The base model: the full-precision checkpoint that is fine-tuned (a quantized one is refused)."""
+    """The base model: the full-precision checkpoint that is fine-tuned (a quantized one is refused, unless
+    `quantized_base: adapter`)."""
 
     name_or_path: str = Field(description="Hub id, local directory, or builtin:tiny-qwen2 (a random toy, for tests).")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
@@ -34,6 +35,11 @@ class ModelConfig(_Section):
     dequantize_gguf: bool = Field(
         default=False, description="Accept a .gguf base by dequantizing it to full precision (quality stays bounded "
                                    "by the GGUF's quantization); otherwise a GGUF is refused like any quantized base.")
+    quantized_base: Literal["refuse", "adapter"] = Field(
+        default="refuse", description="What to do with an already-quantized (GPTQ) base: refuse it and name the "
+                                      "full-precision one, or, where none exists, train an adapter on it (LoRA through "
+                                      "gptqmodel's trainable kernel, or prompt tuning) and ship the adapter unmerged, "
+                                      "with no merge and no re-quantization.")
 
 
 class DataConfig(_Section):
@@ -97,6 +103,11 @@ class TrainingConfig(_Section):
         default="auto", description="bf16 is mixed precision (bf16 arithmetic; the frozen base held in bf16 on GPU, "
                                     "fp32 on CPU). auto: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), "
                                     "else fp32.")
+    method: Literal["lora", "prompt_tuning"] = Field(
+        default="lora", description="The adapter: LoRA (merged into the full-precision base, or kept beside a "
+                                    "quantized one), or prompt tuning (learned virtual tokens; the weights untouched: "
+                                    "only with model.quantized_base=adapter, since there is nothing to merge).")
+    num_virtual_tokens: int = Field(default=20, ge=1, description="Prompt tuning: learned tokens put before each input.")
     qlora: bool = Field(default=False, description="QLoRA: train the adapter over an nf4 (double-quantized) bitsandbytes "
                                                    "copy of the base, on CUDA or CPU; the merge and GPTQ use the "
                                                    "full-precision base as usual. pip install '.[qlora]'.")

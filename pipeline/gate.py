@@ -16,6 +16,8 @@ def check_gate(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
     """Every threshold the GPTQ model misses (metrics.json's `models` and `serving`), as `figure (threshold)`
     sentences; empty when it passes."""
     models = metrics["models"]
+    if "adapted" in models:
+        return adapter_gate(metrics, gate)
     failures = serving_failures(metrics.get("serving") or {}, models["gptq"], gate)
     merged, gptq, base = models["merged"], models["gptq"], models.get("base", {})
     if gate.max_ppl_increase is not None:
@@ -43,19 +45,40 @@ def check_gate(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
     return failures
 
 
-def serving_failures(serving: dict[str, Any], gptq: dict[str, Any], gate: GateConfig) -> list[str]:
+def adapter_gate(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
+    """An adapter on a quantized base (nothing merged, nothing re-quantized) must improve on the base it ships
+    with: lower perplexity, no lower exact match; the exact-match floor and the serving check apply as usual."""
+    base, adapted = metrics["models"]["base"], metrics["models"]["adapted"]
+    failures = serving_failures(metrics.get("serving") or {}, adapted, gate, served="the base with its adapter",
+                                compared="adapted model")
+    if adapted["perplexity"] >= base["perplexity"]:
+        failures.append(f"the adapter did not lower perplexity on the held-out rows (quantized base "
+                        f"{base['perplexity']:.3f}, with the adapter {adapted['perplexity']:.3f})")
+    if base.get("exact_match") is not None and adapted.get("exact_match") is not None \
+            and adapted["exact_match"] < base["exact_match"]:
+        failures.append(f"the adapter lowered exact match (quantized base {base['exact_match']:.1f}%, with the "
+                        f"adapter {adapted['exact_match']:.1f}%)")
+    if gate.min_exact_match is not None and adapted.get("exact_match") is not None \
+            and adapted["exact_match"] < gate.min_exact_match:
+        failures.append(f"exact match with the adapter {adapted['exact_match']:.1f}% is below gate.min_exact_match "
+                        f"{gate.min_exact_match:.1f}%")
+    return failures
+
+
+def serving_failures(serving: dict[str, Any], gptq: dict[str, Any], gate: GateConfig,
+                     served: str = "the quantized model", compared: str = "GPTQ") -> list[str]:
     """A model vLLM could not load always fails; one it answers worse than transformers by more than
     `gate.max_serving_gap` points fails too. A check that was off or skipped fails nothing (the report says so)."""
     if not serving.get("checked"):
         return []
     if not serving["loaded"]:
-        return [f"vLLM {serving['vllm_version']} could not load the quantized model: {serving['error']} (the "
+        return [f"vLLM {serving['vllm_version']} could not load {served}: {serving['error']} (the "
                 f"serve stage's vllm.log has vLLM's full output)"]
     if gate.max_serving_gap is None or serving.get("exact_match") is None or gptq.get("exact_match") is None:
         return []
     gap = gptq["exact_match"] - serving["exact_match"]
     if gap > gate.max_serving_gap:
-        return [f"vLLM's exact match {serving['exact_match']:.1f}% is {gap:.1f} points below transformers' GPTQ "
+        return [f"vLLM's exact match {serving['exact_match']:.1f}% is {gap:.1f} points below transformers' {compared} "
                 f"{gptq['exact_match']:.1f}% on the same prompts ({serving['agreement']:.1f}% of answers identical; "
                 f"gate.max_serving_gap allows {gate.max_serving_gap:.1f})"]
     return []

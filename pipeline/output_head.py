@@ -14,6 +14,8 @@ def selective_head(model) -> bool:
     `logits_to_keep` (and compute their loss from `shift_labels`); a repository's remote code may not."""
     import inspect
 
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False  # prompt tuning puts learned tokens before the input: every position moves
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return type(base).__module__.startswith("transformers.") and \
         "logits_to_keep" in inspect.signature(base.forward).parameters

@@ -13,6 +13,7 @@ import math
 from pipeline.base_model import (
     ModelSourceError,
     list_model_files,
+    quantization_of,
     read_model_config,
     read_tokenizer_config,
     unquantized_name,
@@ -46,7 +47,7 @@ def preflight(cfg: PipelineConfig) -> Dataset:
         except ModelSourceError as exc:
             problems.append(str(exc))
     if model_config is not None:
-        problems += check_not_quantized(cfg.model.name_or_path, model_config)
+        problems += check_quantized_base(cfg, model_config)
         problems += check_remote_code(cfg.model.name_or_path, model_config, cfg.model.trust_remote_code)
         if not is_gguf(cfg.model.name_or_path):
             problems += check_weights_format(cfg)
@@ -101,20 +102,37 @@ def check_fused_kernels(setting: str) -> list[str]:
     return []
 
 
-def check_not_quantized(name_or_path: str, model_config: dict) -> list[str]:
-    quant = model_config.get("quantization_config")
-    if not quant:
-        return []
-    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-    bits = quant.get("bits") if isinstance(quant, dict) else None
-    found = f"{method}{f' {bits}-bit' if bits else ''}"
-    alternative = unquantized_name(name_or_path)
-    instead = (f"use the unquantized base, e.g. --set model.name_or_path={alternative}" if alternative
-               else "use the unquantized (bf16/fp16/fp32) release of this model as model.name_or_path")
-    return [f"base model {name_or_path!r} is already quantized (config.json quantization_config: {found}). "
-            "It cannot be fine-tuned and then quantized again: QLoRA on it fails (the 'BitsAndBytesConfig' error), "
-            "and a LoRA adapter cannot be merged into integer weights. Quantization is not reversible; the pipeline "
-            f"fine-tunes the full-precision base, merges, then quantizes. Instead, {instead}"]
+def check_quantized_base(cfg: PipelineConfig, model_config: dict) -> list[str]:
+    """A quantized base is refused (naming the full-precision one), unless `model.quantized_base: adapter` asks for
+    an adapter trained on it, which works for GPTQ (gptqmodel's trainable kernel); prompt tuning needs that route,
+    and QLoRA does not go with it."""
+    name, found = cfg.model.name_or_path, quantization_of(model_config)
+    adapter = cfg.model.quantized_base == "adapter" and found is not None
+    problems = []
+    if cfg.training.method == "prompt_tuning" and not adapter:
+        problems.append("training.method is prompt_tuning, but prompt tuning leaves the weights alone, so there is "
+                        "nothing to merge and quantize: use it on a quantized (GPTQ) base with "
+                        "model.quantized_base=adapter, or set training.method=lora")
+    if found is None:
+        return problems
+    if cfg.model.quantized_base == "refuse":
+        alternative = unquantized_name(name)
+        instead = (f"use the unquantized base, e.g. --set model.name_or_path={alternative}" if alternative
+                   else "use the unquantized (bf16/fp16/fp32) release of this model as model.name_or_path")
+        return problems + [
+            f"base model {name!r} is already quantized (config.json quantization_config: {found}). It cannot be "
+            "fine-tuned and then quantized again: QLoRA on it fails (the 'BitsAndBytesConfig' error), and a LoRA "
+            "adapter cannot be merged into integer weights. Quantization is not reversible; the pipeline fine-tunes "
+            f"the full-precision base, merges, then quantizes. Instead, {instead}; or, if no full-precision base "
+            "exists, --set model.quantized_base=adapter to train an adapter on this one and ship it unmerged"]
+    if not found.startswith("gptq"):
+        problems.append(f"model.quantized_base=adapter trains through gptqmodel's trainable GPTQ kernel, but base "
+                        f"{name!r} is {found}; give a GPTQ checkpoint, or the full-precision base with "
+                        "model.quantized_base=refuse")
+    if cfg.training.qlora:
+        problems.append(f"training.qlora quantizes a full-precision base to nf4, but base {name!r} is already "
+                        f"quantized ({found}); set training.qlora=false (the adapter trains on it as it is)")
+    return problems
 
 
 def refuse_gguf(name_or_path: str) -> str:

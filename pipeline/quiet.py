@@ -27,6 +27,9 @@ NOISE = (
                     "import and warns where they cannot load; the pipeline calls none of torchao's kernels"),
     DependencyNoise("torchao.kernel.intmm", "Warning: Detected no triton",
                     "torchao's int8 matmul kernels need Triton (a GPU compiler); the pipeline does not use them"),
+    DependencyNoise("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward",
+                    "bitsandbytes (imported by transformers and peft whenever it is installed) looks for an optional "
+                    "fused CPU kernel on the Hugging Face hub (the `kernels` package) and falls back to its own"),
     DependencyNoise("torch.utils._pytree", "<enum ",
                     "torchao registers its Enum config types with torch's pytree at import, which torch 2.13 accepts "
                     "but calls deprecated; a message for torchao's authors, not for users"),

@@ -31,7 +31,7 @@ def serving_summary(serving: dict[str, Any]) -> str:
         return f"**vLLM {serving['vllm_version']} could not load the model**: {serving['error']}"
     kernels = ", ".join(sorted(set((serving.get("kernels") or {}).values()))) or "kernel not named in its log"
     figures = [f"exact match {serving['exact_match']:.1f}%" if serving.get("exact_match") is not None else None,
-               f"{serving['agreement']:.1f}% of answers identical to transformers' GPTQ answers"
+               f"{serving['agreement']:.1f}% of answers identical to transformers' answers for the same model"
                if serving.get("agreement") is not None else None,
                f"{serving['tokens_per_second']:.0f} tokens/s" if serving.get("tokens_per_second") else None,
                f"loaded in {serving['load_seconds']:.0f} s"]
@@ -140,6 +140,7 @@ def run_report(summary: RunSummary, path: str) -> str:
         lines += [f"**error** (in {summary.failed_stage or 'the run'}): {summary.error}", ""]
     lines += ["| stage | store URI | seconds | reused |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | `{stage.uri}` | {stage.seconds} | {stage.reused} |" for name, stage in summary.stages.items()]
+    lines += [f"| {name} | skipped: {why} | – | – |" for name, why in summary.skipped.items()]
     if evaluation := summary.stages.get("evaluate"):
         lines += ["", "## Quality", "", metrics_table(evaluation.metrics["models"]), "",
                   serving_summary(evaluation.metrics.get("serving", {})), "",
@@ -154,3 +155,65 @@ def run_report(summary: RunSummary, path: str) -> str:
 
 def _brief(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def adapter_card(cfg: PipelineConfig, metrics: dict[str, Any], base: dict[str, Any]) -> str:
+    """The model card of an adapter trained on an already-quantized base and shipped unmerged: which base it needs
+    (name and weights' sha256), how to load it with transformers + peft, and how to serve it where vLLM can."""
+    import yaml
+
+    method = cfg.training.method
+    adapted = metrics["models"]["adapted"]
+    front = {
+        "base_model": cfg.model.name_or_path,
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "tags": [method.replace("_", "-"), base["quantization"].split()[0], "adapter-on-quantized-base",
+                 "finetune-then-quantize"],
+        "datasets": [cfg.data.path],
+        "model-index": [{"name": "adapted", "results": [{"task": {"type": "text-generation"}, "metrics": [
+            {"type": "perplexity", "value": round(adapted["perplexity"], 4)}] + (
+            [{"type": "exact_match", "value": round(adapted["exact_match"], 2)}]
+            if adapted.get("exact_match") is not None else [])}]}],
+    }
+    files = "\n".join(f"- `{name}` sha256 `{digest}`" for name, digest in sorted(base["files"].items()))
+    serve = ADAPTER_SERVING_HOWTO.format(base=cfg.model.name_or_path, rank=vllm_lora_rank(cfg.lora.r)) \
+        if method == "lora" else PROMPT_TUNING_SERVING
+    notes = "".join(f"\n> {n}\n" for n in metrics["notes"])
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+            f"# A {method.replace('_', ' ')} adapter for {cfg.model.name_or_path} ({base['quantization']})\n\n"
+            f"Trained on `{cfg.data.path}` on the quantized base as it is, and shipped unmerged: an adapter cannot be "
+            f"merged into integer weights, and no full-precision base was used. It needs exactly this base:\n\n"
+            f"{files}\n\n"
+            f"## Evaluation on {metrics['eval_rows']} held-out rows\n\n{metrics_table(metrics['models'])}\n\n"
+            f"{serving_summary(metrics.get('serving', {}))}\n{notes}\n"
+            f"## Load it\n\n```python\nimport torch\nfrom peft import PeftModel\n"
+            f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({cfg.model.name_or_path!r}, dtype=torch.bfloat16)  "
+            f"# needs optimum + gptqmodel\nmodel = PeftModel.from_pretrained(base, \".\")  # this folder\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\".\")\n```\n\n{serve}")
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds a LoRA of rank `r`."""
+    return next(rank for rank in (1, 8, 16, 32, 64, 128, 256, 320, 512) if rank >= r)
+
+
+ADAPTER_SERVING_HOWTO = """## Serve it
+
+With vLLM, the base loaded as it is and this folder as a LoRA module (OpenAI-compatible; ask for model `adapter`):
+
+```bash
+# CPU: vLLM's CPU build in its own environment (see the pipeline's docs/serving.md for the two setup lines)
+VLLM_CPU_KVCACHE_SPACE=2 vllm-env/bin/python -m vllm.entrypoints.openai.api_server --model {base} \\
+  --enable-lora --max-lora-rank {rank} --lora-modules adapter=. --max-model-len 2048
+# NVIDIA GPU
+vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules adapter=. --max-model-len 2048
+```
+"""
+
+PROMPT_TUNING_SERVING = """## Serve it
+
+vLLM serves LoRA adapters, not prompt-tuning ones: serve this adapter with transformers + peft (above), e.g. behind
+your own endpoint.
+"""

@@ -27,6 +27,8 @@ class RunSummary(BaseModel):
     run_name: str = Field(description="The run's folder in the store.")
     config: dict[str, Any] = Field(description="The full config the run used, overrides applied.")
     stages: dict[str, StageSummary] = Field(default_factory=dict, description="Stages reached, in pipeline order.")
+    skipped: dict[str, str] = Field(default_factory=dict, description="Stages this run's route does not have, and "
+                                    "why (an adapter on a quantized base: no merge, no quantize).")
     status: Literal["running", "completed", "failed"] = Field(
         default="running", description="`completed` once released; `failed` on any error or a missed quality gate.")
     failed_stage: str | None = Field(default=None, description="The stage (or `gate`) where a failed run stopped.")

@@ -7,7 +7,7 @@ standard library and vLLM (which brings its own transformers), so it imports not
 
 The request: {"model": dir, "form": "chat" | "text", "prompts": [...], "max_new_tokens": N, "max_model_len": N,
 "dtype": "auto", "seed": 0, "engine_args": {...}, "warmup": false,
-"repeats": 1}. The result: vLLM's version, whether the model
+"repeats": 1, "lora": {"path": adapter dir, "max_lora_rank": N} (optional)}. The result: vLLM's version, whether the model
 loaded (else vLLM's error), the quantization it chose, load and generation seconds (the median of `repeats`
 passes), generated tokens, peak resident memory, and the answers (special tokens dropped, whitespace trimmed, as
 the evaluate stage decodes). The kernels vLLM picks are read from its log by the stage. Exit 0 whenever a result
@@ -46,10 +46,14 @@ def main(request_path: str, result_path: str) -> int:
 
     result: dict = {"vllm_version": vllm.__version__, "loaded": False}
     start = time.perf_counter()
+    lora = request.get("lora")  # {"path": adapter dir, "max_lora_rank": N}: answer through a LoRA adapter
+    engine_args = dict(request.get("engine_args", {}))
+    if lora:
+        engine_args.update(enable_lora=True, max_lora_rank=lora["max_lora_rank"], max_loras=1)
     try:
         llm = LLM(model=request["model"], tokenizer=request["model"], dtype=request.get("dtype", "auto"),
                   max_model_len=request["max_model_len"], seed=request.get("seed", 0), enforce_eager=True,
-                  **request.get("engine_args", {}))
+                  **engine_args)
     except Exception as exc:  # the model is refused (shapes, format, kernel): a finding, not a crash
         result.update(error=one_line(exc), traceback=traceback.format_exc()[-4000:],
                       load_seconds=round(time.perf_counter() - start, 2))
@@ -66,12 +70,17 @@ def main(request_path: str, result_path: str) -> int:
         tokenizer = llm.get_tokenizer()
         prompts = [{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)} for p in request["prompts"]]
         generate = llm.generate
+    adapter = {}
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        adapter = {"lora_request": LoRARequest("adapter", 1, lora["path"])}
     if request.get("warmup"):
-        generate(prompts, params, use_tqdm=False)
+        generate(prompts, params, use_tqdm=False, **adapter)
     timings = []
     for _ in range(request.get("repeats", 1)):  # benchmarks/serving.py times several passes; the check, one
         start = time.perf_counter()
-        outputs = generate(prompts, params, use_tqdm=False)
+        outputs = generate(prompts, params, use_tqdm=False, **adapter)
         timings.append(time.perf_counter() - start)
     seconds = sorted(timings)[len(timings) // 2]
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)

@@ -47,6 +47,7 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
     import torch
 
     selective = selective_head(model)
+    virtual = virtual_tokens(model)
     total, count = 0.0, 0
     predicted: list[dict[int, int]] = [{} for _ in examples]
     order = by_length([len(e["input_ids"]) for e in examples])  # batches of like lengths: less padding
@@ -64,8 +65,8 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
         with torch.no_grad():
             if selective:
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=predicts).logits.float()
-            else:
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, predicts].float()
+            else:  # a prompt-tuned model's logits start with its virtual tokens'
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, virtual:][:, predicts].float()
         targets = labels[:, predicts + 1]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                 ignore_index=IGNORE_INDEX, reduction="sum")
@@ -76,6 +77,12 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
         for i, row, e in zip(indices, best, batch, strict=True):
             predicted[i] = {p: row[k] for k, p in enumerate(positions) if p + 1 < len(e["input_ids"])}
     return math.exp(total / count), predicted
+
+
+def virtual_tokens(model) -> int:
+    """How many learned tokens a prompt-tuned (peft prompt learning) model puts before its input; 0 for others."""
+    config = getattr(model, "active_peft_config", None)
+    return config.num_virtual_tokens if getattr(config, "is_prompt_learning", False) else 0
 
 
 def by_length(lengths: list[int]) -> list[int]:
@@ -264,8 +271,9 @@ def folder_bytes(folder: Path) -> int:
 
 def serving_metrics(served: dict[str, Any], gptq_answers: list[str] | None,
                     references: list[str | None]) -> dict[str, Any]:
-    """vLLM's figures: exact match on the references, agreement (share of answers identical to transformers' GPTQ
-    answers), speed, and what it loaded; or why it was not checked, or what vLLM said when it refused the model."""
+    """vLLM's figures: exact match on the references, agreement (share of answers identical to transformers' answers
+    for the model it served: the GPTQ model, or the quantized base with its adapter), speed, and what it loaded; or
+    why it was not checked, or what vLLM said when it refused the model."""
     if not served.get("checked"):
         return {"checked": False, "reason": served.get("reason")}
     if not served["loaded"]:
@@ -281,12 +289,13 @@ def serving_metrics(served: dict[str, Any], gptq_answers: list[str] | None,
 
 
 def evaluation_metrics(scores: dict, rows: list[dict], form: str, sizes: dict[str, int], notes: list[str],
-                       cfg: EvaluateConfig, served: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json's content: each model's figures and size, vLLM's, notes, and the first `samples_shown` answers."""
+                       cfg: EvaluateConfig, served: dict[str, Any], shipped: str = "gptq") -> dict[str, Any]:
+    """metrics.json's content: each model's figures and size, vLLM's (compared with transformers' answers for the
+    `shipped` model), notes, and the first `samples_shown` answers."""
     models = {name: {k: v for k, v in s.items() if k != "answers"} | {"size_bytes": sizes.get(name)}
               for name, s in scores.items()}
     references = [split_prompt(row, form)[1] for row in rows]
-    serving = serving_metrics(served, scores.get("gptq", {}).get("answers"), references)
+    serving = serving_metrics(served, scores.get(shipped, {}).get("answers"), references)
     answers = {name: s["answers"] for name, s in scores.items() if "answers" in s}
     if served.get("answers"):
         answers["vllm"] = served["answers"]

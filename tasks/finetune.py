@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.base_model import resolve_model_dir
+from pipeline.base_model import quantization_of, resolve_model_dir
 from pipeline.cache import cache_root
 from pipeline.checkpoints import CheckpointSync, restore_latest
 from pipeline.config import LoraConfig, TrainingConfig
@@ -39,7 +39,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     """
     import torch
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import PromptTuningConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -67,11 +67,18 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
                 dataset.form, len(train_set), len(eval_set), n_tokens)
 
     on_gpu = torch.cuda.is_available()
-    bf16 = uses_bf16(training.precision, on_gpu)
+    quantized = quantization_of(json.loads((Path(base_dir) / "config.json").read_text()))
+    bf16 = uses_bf16(training.precision, on_gpu) or quantized is not None
     # bf16 is mixed precision: bf16 arithmetic (autocast); on a GPU the frozen base is held in bf16 too, to halve
     # its memory; on a CPU it stays fp32, which costs nothing in speed there
     load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 and on_gpu else torch.float32,
                                    "trust_remote_code": trust_remote_code}
+    if quantized:  # an adapter on a GPTQ base (preflight let only GPTQ through): gptqmodel's trainable torch kernel,
+        from transformers import GPTQConfig  # which computes in bf16 or fp16, not fp32
+
+        bits = json.loads((Path(base_dir) / "config.json").read_text())["quantization_config"]["bits"]
+        load_kwargs |= {"dtype": torch.bfloat16, "quantization_config": GPTQConfig(bits=bits, backend="auto_trainable")}
+        logger.info("the base is quantized (%s): training an adapter on it as it is, to ship unmerged", quantized)
     if training.qlora:
         from transformers import BitsAndBytesConfig
 
@@ -82,16 +89,21 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
     if training.qlora:
         model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
+    if training.qlora or quantized:
         keep_training_layout(model)
-    model = get_peft_model(model, PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-        target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    if training.method == "prompt_tuning":
+        adapter = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=training.num_virtual_tokens)
+        described = f"prompt tuning, {training.num_virtual_tokens} virtual tokens"
+    else:
+        adapter = PeftLoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        described = f"LoRA r={lora.r} on {','.join(lora.target_modules)}"
+    model = get_peft_model(model, adapter)
     trainable, total = model.get_nb_trainable_parameters()
     nf4_layers = count_nf4_layers(model) if training.qlora else 0
     if training.qlora:
         logger.info("QLoRA: %d linear layers of the base held in nf4 (double-quantized) while training", nf4_layers)
-    logger.info("LoRA r=%d on %s: %d trainable of %d parameters (%.3f%%)",
-                lora.r, ",".join(lora.target_modules), trainable, total, 100 * trainable / total)
+    logger.info("%s: %d trainable of %d parameters (%.3f%%)", described, trainable, total, 100 * trainable / total)
 
     fused = fused_kernels_available(training.fused_kernels, on_gpu)
     args = TrainingArguments(
@@ -160,6 +172,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "trained_tokens_per_epoch": n_tokens,
         "resumed_from": Path(resume).name if resume else None,
         "precision": "bf16" if bf16 else "fp32",
+        "method": training.method,
+        "base_quantization": quantized,
         "qlora": training.qlora,
         "nf4_layers": nf4_layers,
         "packing": training.packing,
@@ -194,14 +208,19 @@ def count_nf4_layers(model) -> int:
 
 
 def keep_training_layout(model) -> None:
-    """Keep bitsandbytes' 4-bit weights in the layout its training path reads. On a CPU with AVX512-BF16,
-    bitsandbytes 0.50.2 repacks a layer's weights for fast inference the first time it runs in eval mode (the
-    trainer's eval loss before training) and never packs them back: the training step that follows takes the
-    inference kernel and fails ("a view of a leaf Variable that requires grad is being used in an in-place
-    operation"). Eval then runs on the training layout, a little slower."""
+    """Keep a quantized base's weights in the layout its training path reads. Both 4-bit kernels used here switch a
+    layer to a CPU inference layout at its first eval-mode forward (the trainer's eval loss before training) and
+    never switch back; training then runs through an inference kernel:
+    - bitsandbytes 0.50.2 (nf4, QLoRA) on a CPU with AVX512-BF16: the step fails ("a view of a leaf Variable that
+      requires grad is being used in an in-place operation");
+    - gptqmodel 7.6.0's TorchAtenLinear (a GPTQ base): no gradient flows back through the layer to its input, so
+      prompt tuning learns nothing (gradient norm 0.0) and LoRA's gradients stop at the first quantized layer.
+    Eval then runs in the training layout, a little slower."""
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
+        if getattr(module, "support_avx512bf16_for_cpu", False):  # bitsandbytes Linear4bit
             module.support_avx512bf16_for_cpu = False
+        if hasattr(module, "linear_mode") and module.linear_mode is None:  # gptqmodel TorchAtenLinear
+            module.linear_mode = "train"
 
 
 def name_base(model, name: str) -> None:

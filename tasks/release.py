@@ -9,11 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.base_model import resolve_model_dir
 from pipeline.keys import code_version
-from pipeline.report import model_card
+from pipeline.report import adapter_card, model_card
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
-from pipeline.store import check_room, write_json
+from pipeline.store import check_room, describe_files, write_json
 
 LATEST = "latest.json"
 
@@ -36,7 +37,39 @@ def release(run: RunContext, quantized: StageArtifact, evaluation: StageArtifact
     card = {"base_model": run.cfg.model.name_or_path, "data": run.cfg.data.path}
     artifact = run_stage(run, "release", {"card": card, "code": code_version(__name__)}, build,
                          inputs={"quantized": quantized, "evaluation": evaluation})
-    write_json(run.store, run.store.path(LATEST), {
-        "run_name": run.name, "uri": artifact.uri, "key": artifact.key,
-        "released_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    point_latest(run, artifact)
     return artifact
+
+
+def release_adapter(run: RunContext, adapter: StageArtifact, evaluation: StageArtifact) -> StageArtifact:
+    """The adapter route's release: the adapter (unmerged), the identity of the quantized base it needs (name,
+    revision, each weights file's sha256: BASE.json), the evaluation's report and a model card, then latest.json."""
+    model = run.cfg.model
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        trained, report = local_copy(run.store, adapter), local_copy(run.store, evaluation)
+        base_dir = resolve_model_dir(model.name_or_path, model.revision)
+        base = {"name_or_path": model.name_or_path, "revision": model.revision,
+                "quantization": adapter.metrics["base_quantization"],
+                "files": {name: d["sha256"] for name, d in describe_files(base_dir).items()
+                          if name.endswith((".safetensors", "config.json"))}}
+        shutil.copytree(trained, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+        (out_dir / "BASE.json").write_text(json.dumps(base, indent=2) + "\n")
+        metrics = json.loads((report / "metrics.json").read_text())
+        for name in ("metrics.json", "report.md", "training_loss.png"):
+            shutil.copy2(report / name, out_dir / name)
+        (out_dir / "README.md").write_text(adapter_card(run.cfg, metrics, base))
+        return {"models": metrics["models"], "base": base}
+
+    card = {"base_model": model.name_or_path, "data": run.cfg.data.path}
+    artifact = run_stage(run, "release", {"card": card, "code": code_version(__name__)}, build,
+                         inputs={"adapter": adapter, "evaluation": evaluation})
+    point_latest(run, artifact)
+    return artifact
+
+
+def point_latest(run: RunContext, release: StageArtifact) -> None:
+    """Move the store's latest.json to this release."""
+    write_json(run.store, run.store.path(LATEST), {
+        "run_name": run.name, "uri": release.uri, "key": release.key,
+        "released_at": datetime.now(UTC).isoformat(timespec="seconds")})

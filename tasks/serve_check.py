@@ -23,18 +23,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pipeline import vllm_worker
+from pipeline.base_model import resolve_model_dir
 from pipeline.cache import cache_root
 from pipeline.config import PipelineConfig, ServingConfig
 from pipeline.data import split_prompt
 from pipeline.errors import BadInputError
 from pipeline.keys import code_version
+from pipeline.report import vllm_lora_rank
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
+from pipeline.store import describe_files
 from pipeline.vllm_env import (
     VllmUnavailable,
     build_in_background,
@@ -71,14 +75,19 @@ def check_model_folder(folder: Path) -> None:
         raise BadInputError(f"{config} is not valid JSON ({exc}); the folder is not a model") from exc
 
 
-def worker_request(model_dir: Path, rows: list[dict], form: str, cfg: PipelineConfig, cuda: bool) -> dict[str, Any]:
-    """What the worker is asked: the evaluate stage's prompts and generation length, greedy."""
+def worker_request(model_dir: Path, rows: list[dict], form: str, cfg: PipelineConfig, cuda: bool,
+                   lora: Path | None = None) -> dict[str, Any]:
+    """What the worker is asked: the evaluate stage's prompts and generation length, greedy; with `lora`, every
+    answer goes through that adapter (vLLM's LoRA support, on the base as it is)."""
     prompts = [split_prompt(r, form)[0] for r in rows]
     engine = {"gpu_memory_utilization": cfg.serving.gpu_memory_utilization} if cuda else {}
-    return {"model": str(model_dir), "form": "chat" if form == "chat" else "text", "prompts": prompts,
-            "max_new_tokens": cfg.evaluate.max_new_tokens,
-            "max_model_len": cfg.data.max_length + cfg.evaluate.max_new_tokens, "seed": cfg.data.seed,
-            "engine_args": engine}
+    request = {"model": str(model_dir), "form": "chat" if form == "chat" else "text", "prompts": prompts,
+               "max_new_tokens": cfg.evaluate.max_new_tokens,
+               "max_model_len": cfg.data.max_length + cfg.evaluate.max_new_tokens, "seed": cfg.data.seed,
+               "engine_args": engine}
+    if lora is not None:
+        request["lora"] = {"path": str(lora), "max_lora_rank": vllm_lora_rank(cfg.lora.r)}
+    return request
 
 
 def run_worker(python: Path, request: dict[str, Any], out_dir: Path, serving: ServingConfig,
@@ -136,30 +145,60 @@ def requirement_for(serving: ServingConfig) -> str:
 
 
 def prepare(run: RunContext) -> None:
-    """At the start of a run: if the check will need vLLM's environment and this machine has none yet, start
-    building it now, beside the fine-tune, rather than when the serve stage begins."""
-    if run.cfg.serving.check and not run.cfg.serving.python:
+    """At the start of a run: if the check will need vLLM's environment (a LoRA adapter or a merged model: vLLM does
+    not serve prompt tuning) and this machine has none yet, start building it now, beside the fine-tune, rather
+    than when the serve stage begins."""
+    if run.cfg.serving.check and not run.cfg.serving.python and run.cfg.training.method == "lora":
         build_in_background(requirement_for(run.cfg.serving), run.cfg.serving.pip_args, run.cfg.serving.timeout_s)
 
 
 def serve_check(run: RunContext, data: StageArtifact, quantized: StageArtifact) -> StageArtifact:
     """Check the quantized model in vLLM into `<store>/<run>/serve/` (serving.json, vllm.log), or reuse a check of
     the same model with the same vLLM and prompts. A check skipped because vLLM was unavailable is retried."""
+
+    def check(requirement: str, cuda: bool, out_dir: Path) -> dict[str, Any]:
+        return check_in_vllm(run, data, local_copy(run.store, quantized), quantized.uri, requirement, cuda, out_dir)
+
+    return checked_stage(run, {}, {"data": data, "quantized": quantized}, check)
+
+
+def serve_adapter_check(run: RunContext, data: StageArtifact, adapter: StageArtifact) -> StageArtifact:
+    """The adapter route's check: vLLM loads the quantized base as it is and answers through the adapter, as a
+    LoRA module; a prompt-tuning adapter, which vLLM does not serve, is recorded as not checked, with why."""
+    model = run.cfg.model
+    base_dir = resolve_model_dir(model.name_or_path, model.revision)
+    base = {"name_or_path": model.name_or_path, "files": {k: v["sha256"] for k, v in describe_files(base_dir).items()}}
+
+    def check(requirement: str, cuda: bool, out_dir: Path) -> dict[str, Any]:
+        if adapter.metrics.get("method") != "lora":
+            return {"checked": False, "reason": f"vLLM serves LoRA adapters, not {adapter.metrics.get('method')} "
+                                                "ones: the release is served with transformers + peft"}
+        return check_in_vllm(run, data, base_dir, f"{model.name_or_path} with the adapter {adapter.uri}",
+                             requirement, cuda, out_dir, lora=local_copy(run.store, adapter))
+
+    return checked_stage(run, {"base": base}, {"data": data, "adapter": adapter}, check)
+
+
+def checked_stage(run: RunContext, determinants: dict[str, Any], inputs: dict[str, StageArtifact],
+                  check: Callable[[str, bool, Path], dict[str, Any]]) -> StageArtifact:
+    """The serve stage around one `check(requirement, cuda, out_dir) -> result`: off when serving.check is off,
+    skipped (and retried next run) after an error when serving.on_error is skip, reused like any stage."""
     import torch
 
     cfg, cuda = run.cfg.serving, torch.cuda.is_available()
     requirement = requirement_for(cfg)
-    determinants = {"serving": cfg.model_dump(exclude={"timeout_s", "on_error"}) | {"vllm": requirement},
-                    "prompts": {"max_samples": run.cfg.evaluate.max_samples,
-                                "max_new_tokens": run.cfg.evaluate.max_new_tokens,
-                                "max_length": run.cfg.data.max_length}, "code": code_version(__name__)}
+    determinants = determinants | {
+        "serving": cfg.model_dump(exclude={"timeout_s", "on_error"}) | {"vllm": requirement},
+        "prompts": {"max_samples": run.cfg.evaluate.max_samples, "max_new_tokens": run.cfg.evaluate.max_new_tokens,
+                    "max_length": run.cfg.data.max_length}, "code": code_version(__name__)}
 
     def build(out_dir: Path) -> dict[str, Any]:
         if not cfg.check:
             result = {"checked": False, "reason": "serving.check is off: vLLM did not load this model"}
         else:
             try:
-                result = {"checked": True} | check_in_vllm(run, data, quantized, requirement, cuda, out_dir)
+                result = check(requirement, cuda, out_dir)
+                result = result if "checked" in result else {"checked": True} | result
             except (VllmUnavailable, VllmCrashed) as exc:
                 if cfg.on_error == "fail":
                     raise
@@ -168,7 +207,6 @@ def serve_check(run: RunContext, data: StageArtifact, quantized: StageArtifact) 
         (out_dir / RESULT).write_text(json.dumps(result, indent=1) + "\n")
         return summarize(result)
 
-    inputs = {"data": data, "quantized": quantized}
     artifact = run_stage(run, "serve", determinants, build, inputs=inputs)
     if artifact.reused and artifact.metrics.get("retry"):
         logger.info("serve: the stored check was skipped after an error; checking again")
@@ -176,19 +214,18 @@ def serve_check(run: RunContext, data: StageArtifact, quantized: StageArtifact) 
     return artifact
 
 
-def check_in_vllm(run: RunContext, data: StageArtifact, quantized: StageArtifact, requirement: str, cuda: bool,
-                  out_dir: Path) -> dict[str, Any]:
+def check_in_vllm(run: RunContext, data: StageArtifact, model_dir: Path, label: str, requirement: str, cuda: bool,
+                  out_dir: Path, lora: Path | None = None) -> dict[str, Any]:
     cfg = run.cfg.serving
     started = time.perf_counter()
-    model_dir = local_copy(run.store, quantized)
     check_model_folder(model_dir)
     dataset = read_data(run, data)
     rows = dataset.eval[: run.cfg.evaluate.max_samples]
     python = Path(cfg.python) if cfg.python else vllm_python(requirement, cfg.pip_args, cfg.timeout_s)
-    logger.info("serve: loading %s in vLLM (%s) and answering %d eval prompts", quantized.uri,
-                cfg.python or requirement, len(rows))
+    logger.info("serve: loading %s in vLLM (%s) and answering %d eval prompts", label, cfg.python or requirement,
+                len(rows))
     remaining = cfg.timeout_s - (time.perf_counter() - started)
-    result = run_worker(python, worker_request(model_dir, rows, dataset.form, run.cfg, cuda), out_dir, cfg,
+    result = run_worker(python, worker_request(model_dir, rows, dataset.form, run.cfg, cuda, lora), out_dir, cfg,
                         max(remaining, 1))
     if result["loaded"]:
         logger.info("serve: vLLM %s loaded it in %.0f s (%s, %s); %d answers at %.0f tokens/s",

@@ -34,6 +34,30 @@ def tiny_base(isolated_cache) -> Path:
     return resolve_model_dir(TINY_QWEN2)
 
 
+@pytest.fixture(scope="session")
+def tiny_gptq(tiny_base, tmp_path_factory) -> Path:
+    """The tiny model as a GPTQ int4 checkpoint, quantized by the pipeline's own quantize function: the base of the
+    adapter route's tests (a user whose only model is already quantized)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pipeline.config import load_config
+    from pipeline.data import read_dataset, tokenize_example
+    from tasks.quantize import quantize_gptq
+
+    cfg = load_config("smoke")
+    dataset = read_dataset(cfg.data)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    folder = tmp_path_factory.mktemp("tiny-GPTQ-Int4")
+    calibration = [tokenize_example(r, dataset.form, tokenizer, 128)["input_ids"] for r in dataset.train[:32]]
+    quantize_gptq(tiny_base, folder, cfg.quantization, calibration)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_base / name).is_file():
+            shutil.copy2(tiny_base / name, folder / name)
+    return folder
+
+
 @pytest.fixture
 def write_jsonl(tmp_path):
     def write(name: str, rows: list[dict]) -> Path:

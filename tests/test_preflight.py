@@ -55,19 +55,39 @@ def test_cli_refuses_gptq_base_fast_with_exit_2_and_no_store(gptq_base, tmp_path
     assert message.startswith("error: preflight found 1 problem(s)"), "no dependency noise before the refusal"
 
 
-def test_hub_style_name_gets_the_hub_alternative(gptq_base):
-    from pipeline.preflight import check_not_quantized
+def quantized_check(name: str, quant: dict, *overrides: str) -> list[str]:
+    from pipeline.preflight import check_quantized_base
 
-    [problem] = check_not_quantized("Qwen/Qwen2-1.5B-Instruct-GPTQ-Int4", {"quantization_config": GPTQ_CONFIG})
+    cfg = load_config("smoke", [f"model.name_or_path={name}", *overrides])
+    return check_quantized_base(cfg, {"quantization_config": quant})
+
+
+def test_hub_style_name_gets_the_hub_alternative_and_the_adapter_option():
+    [problem] = quantized_check("Qwen/Qwen2-1.5B-Instruct-GPTQ-Int4", GPTQ_CONFIG)
     assert "--set model.name_or_path=Qwen/Qwen2-1.5B-Instruct" in problem
+    assert "--set model.quantized_base=adapter" in problem
 
 
 @pytest.mark.parametrize("method", ["awq", "bitsandbytes", "compressed-tensors", "fp8"])
 def test_any_quantization_method_is_refused(method):
-    from pipeline.preflight import check_not_quantized
-
-    [problem] = check_not_quantized("org/m", {"quantization_config": {"quant_method": method}})
+    [problem] = quantized_check("org/m", {"quant_method": method})
     assert f"quantization_config: {method}" in problem
+
+
+def test_adapter_on_a_quantized_base_takes_gptq_only_and_no_qlora():
+    assert quantized_check("org/m-GPTQ", GPTQ_CONFIG, "model.quantized_base=adapter") == []
+    assert quantized_check("org/m-GPTQ", GPTQ_CONFIG, "model.quantized_base=adapter",
+                           "training.method=prompt_tuning") == []
+    [awq] = quantized_check("org/m-AWQ", {"quant_method": "awq", "bits": 4}, "model.quantized_base=adapter")
+    assert "gptqmodel's trainable GPTQ kernel" in awq and "is awq 4-bit" in awq
+    [qlora] = quantized_check("org/m-GPTQ", GPTQ_CONFIG, "model.quantized_base=adapter", "training.qlora=true")
+    assert "set training.qlora=false" in qlora
+
+
+def test_prompt_tuning_needs_the_quantized_base_route(tmp_path):
+    cfg = load_config("smoke", ["training.method=prompt_tuning"], store=str(tmp_path / "s"))
+    with pytest.raises(PreflightError, match="prompt tuning leaves the weights alone"):
+        preflight(cfg)
 
 
 def test_bad_group_size_names_layer_shape_and_valid_sizes(tmp_path):

@@ -197,3 +197,22 @@ def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_vllm_serves_the_adapter_route_lora_on_the_gptq_base(vllm, tiny_gptq, tmp_path):
+    """The adapter route's serve check: vLLM loads the quantized base as it is and answers through the adapter as
+    a LoRA module; evaluate compares those answers with transformers + peft's."""
+    result = run_cli("--config", "smoke", "--store", str(tmp_path), "--set", f"model.name_or_path={tiny_gptq}",
+                     "--set", "model.quantized_base=adapter", "--set", "serving.check=true")
+    assert result.returncode == 0, result.stderr[-4000:]
+    serving = json.loads((tmp_path / "smoke" / "serve" / "serving.json").read_text())
+    metrics = json.loads((tmp_path / "smoke" / "evaluate" / "metrics.json").read_text())
+    assert serving["loaded"] and len(serving["answers"]) == 24 and serving["quantization"] == "auto_gptq"
+    samples = metrics["samples"]
+    # the adapter is applied: vLLM answers as transformers + peft do with it, not as the base alone does
+    assert [s["vllm"] for s in samples] == [s["adapted"] for s in samples] != [s["base"] for s in samples]
+    assert metrics["serving"]["agreement"] == 100.0
+    assert metrics["serving"]["exact_match"] == metrics["models"]["adapted"]["exact_match"]
+    assert "Served by vLLM 0.32.0" in (tmp_path / "smoke" / "release" / "README.md").read_text()
