@@ -69,5 +69,6 @@ def test_prompt_tuning_on_a_tiny_gptq_learns_and_is_not_served_by_vllm(tiny_gptq
     assert serve["checked"] is False and "vLLM serves LoRA adapters, not prompt_tuning" in serve["reason"]
     models = run["stages"]["evaluate"]["metrics"]["models"]
     assert models["adapted"]["perplexity"] < models["base"]["perplexity"]
+    assert models["adapted"]["generated_rows"] == 24  # what peft's generate() writes, every row (tasks/evaluate.py)
     assert "not LoRA" not in (tmp_path / "smoke" / "release" / "README.md").read_text()
     assert "vLLM serves LoRA adapters, not prompt-tuning ones" in (tmp_path / "smoke" / "release" / "README.md").read_text()
