@@ -1,5 +1,7 @@
 """The pipeline: preflight -> data -> LoRA fine-tune -> merge -> GPTQ int4 -> serve check (vLLM) -> evaluate ->
-quality gate -> release, every stage published to the store.
+quality gate -> release, every stage published to the store. For a base that is already quantized, with
+`model.quantized_base: adapter`: preflight -> data -> adapter on the quantized base -> serve -> evaluate -> gate ->
+release of the adapter (merge and quantize skipped; docs/routes.md).
 
     python -m flows.finetune_then_quantize --config conf/smoke.yaml [--set key=value]... [--run-name N] [--store URI]
 

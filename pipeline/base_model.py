@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache import cache_root
+from pipeline.config import PipelineConfig
 from pipeline.errors import BadInputError
 from pipeline.gguf_base import dequantize_gguf, fetch_gguf, gguf_metadata, is_gguf
 from pipeline.tiny_model import TINY_QWEN2, build_tiny_qwen2
@@ -134,7 +135,7 @@ def quantization_of(model_config: dict[str, Any]) -> str | None:
     return f"{method}{f' {bits}-bit' if bits else ''}"
 
 
-def adapter_route(cfg) -> bool:
+def adapter_route(cfg: PipelineConfig) -> bool:
     """Whether this run trains an adapter on an already-quantized base and ships it unmerged (no merge, no
     quantize): `model.quantized_base: adapter` and a base whose config.json says it is quantized."""
     return cfg.model.quantized_base == "adapter" and quantization_of(
