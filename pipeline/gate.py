@@ -38,11 +38,7 @@ def check_gate(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
                 failures.append(f"GPTQ keeps {kept:.0%} of the fine-tune's exact-match gain (base "
                                 f"{base['exact_match']:.1f}%, merged {merged['exact_match']:.1f}%, GPTQ "
                                 f"{gptq['exact_match']:.1f}%; gate.min_gain_kept {gate.min_gain_kept:.0%})")
-    if gate.min_exact_match is not None and gptq.get("exact_match") is not None \
-            and gptq["exact_match"] < gate.min_exact_match:
-        failures.append(f"GPTQ exact match {gptq['exact_match']:.1f}% is below gate.min_exact_match "
-                        f"{gate.min_exact_match:.1f}%")
-    return failures
+    return failures + below_floor("GPTQ exact match", gptq, gate)
 
 
 def adapter_gate(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
@@ -58,11 +54,15 @@ def adapter_gate(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
             and adapted["exact_match"] < base["exact_match"]:
         failures.append(f"the adapter lowered exact match (quantized base {base['exact_match']:.1f}%, with the "
                         f"adapter {adapted['exact_match']:.1f}%)")
-    if gate.min_exact_match is not None and adapted.get("exact_match") is not None \
-            and adapted["exact_match"] < gate.min_exact_match:
-        failures.append(f"exact match with the adapter {adapted['exact_match']:.1f}% is below gate.min_exact_match "
-                        f"{gate.min_exact_match:.1f}%")
-    return failures
+    return failures + below_floor("exact match with the adapter", adapted, gate)
+
+
+def below_floor(what: str, scores: dict[str, Any], gate: GateConfig) -> list[str]:
+    """The shipped model's exact match under `gate.min_exact_match`, as a failure sentence; none without a floor."""
+    if gate.min_exact_match is None or scores.get("exact_match") is None \
+            or scores["exact_match"] >= gate.min_exact_match:
+        return []
+    return [f"{what} {scores['exact_match']:.1f}% is below gate.min_exact_match {gate.min_exact_match:.1f}%"]
 
 
 def serving_failures(serving: dict[str, Any], gptq: dict[str, Any], gate: GateConfig,

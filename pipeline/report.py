@@ -80,6 +80,14 @@ def plot_loss(training_log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def model_index(name: str, scores: dict[str, Any]) -> list[dict[str, Any]]:
+    """A model card's `model-index`: the shipped model's perplexity and, where measured, exact match."""
+    figures = [{"type": "perplexity", "value": round(scores["perplexity"], 4)}]
+    if scores.get("exact_match") is not None:
+        figures.append({"type": "exact_match", "value": round(scores["exact_match"], 2)})
+    return [{"name": name, "results": [{"task": {"type": "text-generation"}, "metrics": figures}]}]
+
+
 def model_card(cfg: PipelineConfig, metrics: dict[str, Any]) -> str:
     """A Hugging Face model card: YAML metadata, then what was done and what it measured."""
     import yaml
@@ -95,10 +103,7 @@ def model_card(cfg: PipelineConfig, metrics: dict[str, Any]) -> str:
         "quantization": {"method": "gptq", "bits": quant.bits, "group_size": quant.group_size, "sym": quant.sym,
                          "desc_act": quant.desc_act, "act_group_aware": quant.act_group_aware,
                          "checkpoint_format": "gptq", "quantizer": "gptqmodel"},
-        "model-index": [{"name": "gptq", "results": [{"task": {"type": "text-generation"}, "metrics": [
-            {"type": "perplexity", "value": round(gptq["perplexity"], 4)}] + (
-            [{"type": "exact_match", "value": round(gptq["exact_match"], 2)}]
-            if gptq.get("exact_match") is not None else [])}]}],
+        "model-index": model_index("gptq", gptq),
     }
     notes = "".join(f"\n> {n}\n" for n in metrics["notes"])
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
@@ -171,10 +176,7 @@ def adapter_card(cfg: PipelineConfig, metrics: dict[str, Any], base: dict[str, A
         "tags": [method.replace("_", "-"), base["quantization"].split()[0], "adapter-on-quantized-base",
                  "finetune-then-quantize"],
         "datasets": [cfg.data.path],
-        "model-index": [{"name": "adapted", "results": [{"task": {"type": "text-generation"}, "metrics": [
-            {"type": "perplexity", "value": round(adapted["perplexity"], 4)}] + (
-            [{"type": "exact_match", "value": round(adapted["exact_match"], 2)}]
-            if adapted.get("exact_match") is not None else [])}]}],
+        "model-index": model_index("adapted", adapted),
     }
     files = "\n".join(f"- `{name}` sha256 `{digest}`" for name, digest in sorted(base["files"].items()))
     serve = ADAPTER_SERVING_HOWTO.format(base=cfg.model.name_or_path, rank=vllm_lora_rank(cfg.lora.r)) \

@@ -67,7 +67,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
                 dataset.form, len(train_set), len(eval_set), n_tokens)
 
     on_gpu = torch.cuda.is_available()
-    quantized = quantization_of(json.loads((Path(base_dir) / "config.json").read_text()))
+    base_config = json.loads((Path(base_dir) / "config.json").read_text())
+    quantized = quantization_of(base_config)
     bf16 = uses_bf16(training.precision, on_gpu) or quantized is not None
     # bf16 is mixed precision: bf16 arithmetic (autocast); on a GPU the frozen base is held in bf16 too, to halve
     # its memory; on a CPU it stays fp32, which costs nothing in speed there
@@ -76,8 +77,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     if quantized:  # an adapter on a GPTQ base (preflight let only GPTQ through): gptqmodel's trainable torch kernel,
         from transformers import GPTQConfig  # which computes in bf16 or fp16, not fp32
 
-        bits = json.loads((Path(base_dir) / "config.json").read_text())["quantization_config"]["bits"]
-        load_kwargs |= {"dtype": torch.bfloat16, "quantization_config": GPTQConfig(bits=bits, backend="auto_trainable")}
+        load_kwargs |= {"dtype": torch.bfloat16, "quantization_config": GPTQConfig(
+            bits=base_config["quantization_config"]["bits"], backend="auto_trainable")}
         logger.info("the base is quantized (%s): training an adapter on it as it is, to ship unmerged", quantized)
     if training.qlora:
         from transformers import BitsAndBytesConfig
