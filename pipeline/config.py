@@ -81,7 +81,9 @@ class TrainingConfig(_Section):
     num_train_epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows (unless max_steps > 0).")
     max_steps: int = Field(default=-1, description="Stop after this many optimizer steps; -1 means use epochs.")
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate of AdamW.")
-    per_device_train_batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch and device.")
+    per_device_train_batch_size: int | Literal["auto"] = Field(
+        default=4, description="Examples per micro-batch and device; auto: the largest power of two (up to 256) that "
+                               "the memory plan fits on the device with a 10% margin (docs/memory.md).")
     per_device_eval_batch_size: int = Field(default=8, ge=1, description="Examples per batch for the eval loss.")
     eval_samples: int = Field(default=32, ge=1, description="Eval rows whose loss the fine-tune reports before and "
                               "after training (a quick check; the evaluate stage scores every eval row).")
