@@ -7,6 +7,7 @@ failure or a failed quality gate (run.json records which stage failed and why).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -14,10 +15,13 @@ import traceback
 from prefect.settings import get_current_settings
 
 from flows.finetune_then_quantize import StageFailed, run_checked, show_pipeline_logs
-from pipeline.config import load_config
-from pipeline.errors import BadInputError
+from pipeline.base_model import read_model_config
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import BadInputError, ConfigError
 from pipeline.gate import QualityGateError
-from pipeline.preflight import preflight
+from pipeline.gguf_base import is_gguf
+from pipeline.memory import fit_problems, plan_run, planned_cuda, render_plan, visible_device
+from pipeline.preflight import preflight, refuse_gguf
 from pipeline.run import STAGES, open_run
 from pipeline.store import RUN_SUMMARY
 
@@ -33,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-name", help="names the run's folder in the store (default: the config's run_name)")
     parser.add_argument("--store", help="store location (default: the config's store.uri)")
     parser.add_argument("--force", action="append", default=[], choices=STAGES, help="recompute this stage")
+    parser.add_argument("--plan", action="store_true", help="print each stage's memory plan for this machine and exit")
+    parser.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object")
+    parser.add_argument("--plan-for", choices=["cuda"], help="plan a run on a CUDA GPU from this machine (implies "
+                        "--plan): bf16, fused kernels as the gpu extra installs them")
     return parser.parse_args(argv)
 
 
@@ -42,15 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     # Check everything here, before Prefect starts a server: bad input is refused in seconds, with nothing written.
     try:
         cfg = load_config(args.config, args.overrides, run_name=args.run_name, store=args.store)
-        dataset = preflight(cfg)
-        run = open_run(cfg, args.force)
+        if args.plan or args.plan_for or args.json:
+            return show_plan(cfg, args)
+        checked = preflight(cfg)
+        run = open_run(checked.cfg, args.force)
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = run.store.url(run.store.path(run.name, RUN_SUMMARY))
     starts_server = not get_current_settings().api.url  # then Prefect starts a temporary local server
     try:
-        run_checked(cfg, dataset, args.force)
+        run_checked(checked, args.force)
         code = 0
     except BadInputError as exc:  # found only once the run had started (e.g. a data source changed under it)
         print(f"error: {exc}", file=sys.stderr)
@@ -71,6 +81,26 @@ def main(argv: list[str] | None = None) -> int:
         stop_temporary_prefect_server()
     print(f"run summary: {summary}", flush=True)
     return code
+
+
+def show_plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """`--plan`: the memory plan (text, or one JSON object with --json) from the config and the base's config
+    alone: no data read, nothing written. Exit 0, or 2 with the planned fine-tune not fitting this machine."""
+    if args.json and not (args.plan or args.plan_for):
+        raise ConfigError("--json goes with --plan: python -m flows.finetune_then_quantize --plan --json")
+    if is_gguf(cfg.model.name_or_path) and not cfg.model.dequantize_gguf:
+        raise ConfigError(refuse_gguf(cfg.model.name_or_path))
+    model_config = read_model_config(cfg.model.name_or_path, cfg.model.revision)
+    device = planned_cuda() if args.plan_for == "cuda" else visible_device()
+    try:
+        plan = plan_run(cfg, model_config, device)
+    except Exception as exc:
+        raise ConfigError(f"no memory plan for base {cfg.model.name_or_path!r}: {type(exc).__name__}: {exc}") from exc
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else render_plan(plan), flush=True)
+    problems = fit_problems(cfg, model_config, device, plan)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def stop_temporary_prefect_server() -> None:

@@ -32,7 +32,8 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.data import Dataset
 from pipeline.errors import BadInputError
 from pipeline.gate import QualityGateError, check_gate
-from pipeline.preflight import preflight
+from pipeline.memory import MemoryPlan
+from pipeline.preflight import Checked, preflight
 from pipeline.report import run_report
 from pipeline.run import RunContext, open_run
 from pipeline.stage import StageArtifact
@@ -112,15 +113,15 @@ def finetune_then_quantize(
             evaluate).
     """
     show_pipeline_logs()
-    cfg = load_config(config, overrides or [], run_name=run_name, store=store)
-    dataset = preflight(cfg)
-    return run_pipeline(open_run(cfg, force or []), dataset)
+    checked = preflight(load_config(config, overrides or [], run_name=run_name, store=store))
+    return run_pipeline(open_run(checked.cfg, force or []), checked.dataset, checked.plan)
 
 
-def run_pipeline(run: RunContext, dataset: Dataset) -> str:
-    """The stages in order, for a run whose inputs passed preflight; writes run.json (finished or failed), posts
-    the report artifact, and returns run.json's URI."""
-    summary = RunSummary(run_name=run.name, config=run.cfg.model_dump())
+def run_pipeline(run: RunContext, dataset: Dataset, plan: MemoryPlan | None = None) -> str:
+    """The stages in order, for a run whose inputs passed preflight; writes run.json (finished or failed, with
+    preflight's memory plan), posts the report artifact, and returns run.json's URI."""
+    summary = RunSummary(run_name=run.name, config=run.cfg.model_dump(),
+                         memory_plan=plan.as_dict() if plan else None)
     started = time.perf_counter()
     reached = "data"
 
@@ -172,17 +173,17 @@ def run_pipeline(run: RunContext, dataset: Dataset) -> str:
     return run.store.url(path)
 
 
-def run_checked(cfg: PipelineConfig, dataset: Dataset, force: Iterable[str] = ()) -> str:
-    """Run the pipeline as a flow from a config that already passed preflight, with the dataset preflight read: what
-    the command line does after checking its input before Prefect starts, so neither preflight nor the data source
-    runs twice. The flow run's parameters in the UI are the typed config and the stages forced."""
+def run_checked(checked: Checked, force: Iterable[str] = ()) -> str:
+    """Run the pipeline as a flow from a config that already passed preflight, with the dataset and memory plan
+    preflight made: what the command line does after checking its input before Prefect starts, so neither preflight
+    nor the data source runs twice. The flow run's parameters in the UI are the typed config and the stages forced."""
 
     @flow(name=FLOW_NAME, log_prints=False)
     def checked_run(config: PipelineConfig, force: list[str]) -> str:
         show_pipeline_logs()
-        return run_pipeline(open_run(config, force), dataset)
+        return run_pipeline(open_run(config, force), checked.dataset, checked.plan)
 
-    return checked_run(cfg, list(force))
+    return checked_run(checked.cfg, list(force))
 
 
 def publish_report(summary: RunSummary, path: str) -> None:

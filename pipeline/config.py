@@ -115,6 +115,12 @@ class TrainingConfig(_Section):
                                                    "full-precision base as usual. pip install '.[qlora]'.")
     seed: int = Field(default=0, description="Seed of the LoRA initialisation and the data order.")
 
+    @field_validator("fused_kernels", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML reads a bare `on`/`off` as true/false: take those as meant."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class MergeConfig(_Section):
     """Merging the adapter into full-precision weights, checked against the adapter's logits."""

@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,7 +93,7 @@ def _shape_from_json(config_json: str, trust_remote_code: bool) -> ModelShape:
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(config, "dtype", None)
     return ModelShape(
         layers=layers, hidden=hidden, intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
         heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -453,3 +454,38 @@ def render_plan(plan: MemoryPlan) -> str:
                 f" tokens, {finetune['precision']}, fused kernels {'on' if finetune['fused_kernels'] else 'off'}, "
                 f"gradient checkpointing {'on' if finetune['gradient_checkpointing'] else 'off'}")
     return "\n".join(rows)
+
+
+def resolve_batch(cfg: PipelineConfig, plan: MemoryPlan) -> PipelineConfig:
+    """The config with `training.per_device_train_batch_size: auto` replaced by the micro-batch the plan picked."""
+    if cfg.training.per_device_train_batch_size != "auto":
+        return cfg
+    batch = plan.stages["finetune"].notes["micro_batch"]
+    logger.info("training.per_device_train_batch_size auto: %d, the largest that the memory plan fits on %s",
+                batch, plan.device.describe())
+    training = cfg.training.model_copy(update={"per_device_train_batch_size": batch})
+    return cfg.model_copy(update={"training": training})
+
+
+def reset_peak_rss() -> None:
+    """Start a new resident-memory high-water mark for this process (Linux: /proc/self/clear_refs); elsewhere a
+    no-op, and the mark stays the process's since it started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's resident-memory high-water mark since it started or since `reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 from pipeline.base_model import (
     ModelSourceError,
@@ -22,14 +23,26 @@ from pipeline.config import PipelineConfig
 from pipeline.data import DataError, Dataset, read_calibration, read_dataset
 from pipeline.errors import PreflightError
 from pipeline.gguf_base import is_gguf
+from pipeline.memory import Device, MemoryPlan, fit_problems, plan_run, render_plan, resolve_batch, visible_device
 from pipeline.store import StoreError, check_store, open_store
 
 logger = logging.getLogger(__name__)
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def preflight(cfg: PipelineConfig) -> Dataset:
-    """Raise PreflightError with every problem found; return the validated dataset if the run can start."""
+@dataclass(frozen=True)
+class Checked:
+    """What preflight hands the run: the config (an `auto` micro-batch resolved), the dataset it read and
+    validated, and the memory plan it checked (None where the base's shapes could not be planned)."""
+
+    cfg: PipelineConfig
+    dataset: Dataset
+    plan: MemoryPlan | None
+
+
+def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
+    """Raise PreflightError with every problem found; return the checked run if it can start. The memory plan is
+    for `device` (default: this machine as it is now)."""
     problems: list[str] = []
     problems += check_qlora(cfg.training.qlora)
     problems += check_fused_kernels(cfg.training.fused_kernels)
@@ -55,10 +68,29 @@ def preflight(cfg: PipelineConfig) -> Dataset:
     problems += data_problems
     if model_config is not None and "quantization_config" not in model_config:
         problems += check_layers(model_config, cfg)
+    plan = None
+    if model_config is not None and not problems:  # last: it builds on the shapes checked above
+        plan, memory_problems = check_memory(cfg, model_config, device or visible_device())
+        problems += memory_problems
     if problems:
         raise PreflightError(problems)
     logger.info("preflight passed: base %s, data %s, store %s", cfg.model.name_or_path, cfg.data.path, cfg.store.uri)
-    return dataset
+    return Checked(resolve_batch(cfg, plan) if plan else cfg, dataset, plan)
+
+
+def check_memory(cfg: PipelineConfig, model_config: dict, device: Device) -> tuple[MemoryPlan | None, list[str]]:
+    """The run's memory plan, logged, and a fine-tune that will not fit the device refused with the settings that
+    would make it fit. A base whose shapes cannot be planned runs unplanned, unless its micro-batch is `auto`."""
+    try:
+        plan = plan_run(cfg, model_config, device)
+    except Exception as exc:  # noqa: BLE001 - an architecture the plan does not know must not block a run
+        if cfg.training.per_device_train_batch_size == "auto":
+            return None, [f"training.per_device_train_batch_size is auto, but no memory plan could be made for this "
+                          f"base ({type(exc).__name__}: {exc}); set a number"]
+        logger.warning("no memory plan for this base (%s: %s); the run goes on unplanned", type(exc).__name__, exc)
+        return None, []
+    logger.info("%s", render_plan(plan))
+    return plan, fit_problems(cfg, model_config, device, plan)
 
 
 def check_qlora(qlora: bool) -> list[str]:

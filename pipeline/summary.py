@@ -29,6 +29,10 @@ class RunSummary(BaseModel):
     stages: dict[str, StageSummary] = Field(default_factory=dict, description="Stages reached, in pipeline order.")
     skipped: dict[str, str] = Field(default_factory=dict, description="Stages this run's route does not have, and "
                                     "why (an adapter on a quantized base: no merge, no quantize).")
+    memory_plan: dict[str, Any] | None = Field(
+        default=None, description="Preflight's memory plan: the device, and each stage's predicted device and host "
+                                  "peaks in bytes with their parts (docs/memory.md); measured peaks are in the "
+                                  "stages' metrics.")
     status: Literal["running", "completed", "failed"] = Field(
         default="running", description="`completed` once released; `failed` on any error or a missed quality gate.")
     failed_stage: str | None = Field(default=None, description="The stage (or `gate`) where a failed run stopped.")

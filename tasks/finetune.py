@@ -18,6 +18,7 @@ from pipeline.config import LoraConfig, TrainingConfig
 from pipeline.data import Dataset, tokenize_example
 from pipeline.errors import StageCheckError
 from pipeline.keys import code_version
+from pipeline.memory import peak_rss_bytes, plan_run, reset_peak_rss, resolve_batch, visible_device
 from pipeline.output_head import selective_head
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, key_of, run_stage
@@ -152,6 +153,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         logger.info("resuming from %s", resume)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
     collator.tokens = 0
     result = trainer.train(resume_from_checkpoint=resume)
     train_tokens = collator.tokens
@@ -182,7 +184,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "train_seconds": result.metrics["train_runtime"],
         "train_tokens": train_tokens,
         "tokens_per_second": train_tokens / result.metrics["train_runtime"],
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,  # the device's, training
+        "host_peak_bytes": peak_rss_bytes(),  # the process's resident high-water mark while training (Linux)
     }
 
 
@@ -271,19 +274,23 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
     code. Checkpoints live in `<store>/<run>/.work/` until the adapter is published."""
     model, store = run.cfg.model, run.store
     base_dir = resolve_model_dir(model.name_or_path, model.revision)
+    training = run.cfg.training
+    if training.per_device_train_batch_size == "auto":  # called without preflight, which resolves it
+        plan = plan_run(run.cfg, json.loads((base_dir / "config.json").read_text()), visible_device())
+        training = resolve_batch(run.cfg, plan).training
     determinants = {
         "base": {"name_or_path": model.name_or_path,
                  "files": {k: v["sha256"] for k, v in describe_files(base_dir).items()}},
         "max_length": run.cfg.data.max_length,
         "lora": run.cfg.lora.model_dump(),
-        "training": run.cfg.training.model_dump(),
+        "training": training.model_dump(),
         "code": code_version(__name__),
     }
     work = store.path(run.name, ".work", f"finetune-{key_of('finetune', determinants, {'data': data})[:16]}")
     local_checkpoints = cache_root() / "scratch" / f"checkpoints-{os.getpid()}-{time.time_ns()}"
 
     def build(out_dir: Path) -> dict[str, Any]:
-        return train_lora(base_dir, read_data(run, data), run.cfg.data.max_length, run.cfg.lora, run.cfg.training,
+        return train_lora(base_dir, read_data(run, data), run.cfg.data.max_length, run.cfg.lora, training,
                           out_dir, local_checkpoints, CheckpointSync(store, work),
                           trust_remote_code=model.trust_remote_code, base_name=model.name_or_path)
 

