@@ -2,7 +2,7 @@
 process on rows of real-length text that fill `data.max_length`, and its resident high-water mark while training
 (the stage's own `host_peak_bytes`) is set beside the plan's `host_peak_bytes`.
 
-    .venv/bin/python benchmarks/memory_plan.py table                        # all configs below, a markdown table
+    .venv/bin/python benchmarks/memory_plan.py table [--repeats 3]          # all configs below, a markdown table
     .venv/bin/python benchmarks/memory_plan.py measure MODEL_DIR SEQ BATCH  # one, as JSON (what the test runs)
 
 The GPU rows compare `--plan-for cuda` with the GPU machine's measured `torch.cuda.max_memory_allocated`
@@ -98,17 +98,22 @@ def gpu_rows() -> list[dict]:
     return rows
 
 
-def table() -> None:
-    """Print the table row by row (each CPU row is a fine-tune of its own)."""
+def table(repeats: int) -> None:
+    """Print the table row by row; each CPU row is `repeats` fine-tunes, each in a fresh process (glibc's heap
+    makes a run's resident peak vary from run to run: the median is compared, the range shown)."""
+    import statistics
+
     from pipeline.memory import MIB
 
-    lines = ["| base | seq | micro-batch | settings | planned MiB | measured MiB | planned / measured |",
+    lines = ["| base | seq | micro-batch | settings | planned MiB | measured MiB, median (range) | planned / median |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     for base, seq, batch, extra in CONFIGS:
-        row = measure_in_fresh_process(base, seq, batch, extra)
+        runs = [measure_in_fresh_process(base, seq, batch, extra) for _ in range(repeats)]
+        measured = sorted(r["measured_bytes"] / MIB for r in runs)
+        median, planned = statistics.median(measured), runs[0]["planned_bytes"] / MIB
         lines.append(f"| {base.rsplit('/', 1)[-1]} | {seq} | {batch} | {', '.join(extra) or 'bf16 (auto)'} | "
-                     f"{row['planned_bytes'] / MIB:.0f} | {row['measured_bytes'] / MIB:.0f} | {row['ratio']:.3f} |")
+                     f"{planned:.0f} | {median:.0f} ({measured[0]:.0f}-{measured[-1]:.0f}) | {planned / median:.3f} |")
         print(lines[-1], flush=True)
     for row in gpu_rows():
         lines.append(f"| Qwen2-1.5B shape, `--plan-for cuda` | 1024 | 8 | fused kernels {'on' if row['fused_kernels'] else 'off'}"
@@ -125,12 +130,13 @@ def main() -> None:
     one.add_argument("seq", type=int)
     one.add_argument("batch", type=int)
     one.add_argument("extra", nargs="*")
-    sub.add_parser("table")
+    many = sub.add_parser("table")
+    many.add_argument("--repeats", type=int, default=3, help="fine-tunes per CPU row (median and range reported)")
     args = parser.parse_args()
     if args.command == "measure":
         print(json.dumps(measure(args.base, args.seq, args.batch, args.extra)))
     else:
-        table()
+        table(args.repeats)
 
 
 if __name__ == "__main__":

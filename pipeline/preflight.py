@@ -75,11 +75,13 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
     if problems:
         raise PreflightError(problems)
     logger.info("preflight passed: base %s, data %s, store %s", cfg.model.name_or_path, cfg.data.path, cfg.store.uri)
+    if plan is not None:
+        logger.info("%s", render_plan(plan))
     return Checked(resolve_batch(cfg, plan) if plan else cfg, dataset, plan)
 
 
 def check_memory(cfg: PipelineConfig, model_config: dict, device: Device) -> tuple[MemoryPlan | None, list[str]]:
-    """The run's memory plan, logged, and a fine-tune that will not fit the device refused with the settings that
+    """The run's memory plan, and a fine-tune that will not fit the device refused with the settings that
     would make it fit. A base whose shapes cannot be planned runs unplanned, unless its micro-batch is `auto`."""
     try:
         plan = plan_run(cfg, model_config, device)
@@ -89,7 +91,6 @@ def check_memory(cfg: PipelineConfig, model_config: dict, device: Device) -> tup
                           f"base ({type(exc).__name__}: {exc}); set a number"]
         logger.warning("no memory plan for this base (%s: %s); the run goes on unplanned", type(exc).__name__, exc)
         return None, []
-    logger.info("%s", render_plan(plan))
     return plan, fit_problems(cfg, model_config, device, plan)
 
 

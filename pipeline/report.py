@@ -151,11 +151,32 @@ def run_report(summary: RunSummary, path: str) -> str:
                   serving_summary(evaluation.metrics.get("serving", {})), "",
                   *[f"> {note}" for note in evaluation.metrics.get("notes", [])], "",
                   f"Training loss plot: `{evaluation.uri}/training_loss.png`; full report: `{evaluation.uri}/report.md`"]
+    if summary.memory_plan:
+        lines += ["", "## Memory", "", memory_table(summary)]
     lines += ["", "## Metrics", ""]
     lines += [f"- **{name}**: " + ", ".join(f"{key} {_brief(value)}" for key, value in stage.metrics.items())
               for name, stage in summary.stages.items() if name not in ("evaluate", "release", "serve")]
     lines += ["", "## run.json", "", "```json", summary.to_json(), "```", ""]
     return "\n".join(lines)
+
+
+def memory_table(summary: RunSummary) -> str:
+    """Preflight's plan beside what each stage built in this run measured (reused stages measured nothing)."""
+    plan = summary.memory_plan
+    rows = [f"Planned for {plan['device']['name']} (docs/memory.md); measured: the process's resident peak while the "
+            "stage built (the fine-tune's: while training), and the GPU's allocated peak where there is one.", "",
+            "| stage | planned device peak | planned host peak | measured host peak | measured GPU peak |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, stage in plan["stages"].items():
+        ran = summary.stages.get(name)
+        metrics = ran.metrics if ran is not None and not ran.reused else {}
+        rows.append(f"| {name} | {_gib(stage['device_peak_bytes'])} | {_gib(stage['host_peak_bytes'])} | "
+                    f"{_gib(metrics.get('host_peak_bytes'))} | {_gib(metrics.get('peak_memory_bytes'))} |")
+    return "\n".join(rows)
+
+
+def _gib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 1024 ** 3:.2f} GiB"
 
 
 def _brief(value) -> str:

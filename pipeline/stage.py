@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.keys import stage_key
+from pipeline.memory import peak_rss_bytes, reset_peak_rss
 from pipeline.run import RunContext
 from pipeline.store import (
     StageCorrupt,
@@ -93,9 +94,12 @@ def run_stage(
                                      time.perf_counter() - start, manifest["metrics"], inputs)
     logger.info("%s: building %s (key %s...)", stage, store.url(own), key[:12])
     scratch = new_scratch(store, own)
+    reset_peak_rss()
     try:
         with disk_full_as_one_sentence(stage, store.url(own), scratch):
             metrics = build(scratch)
+            # what the build held at most in this process's RAM (a stage may record a narrower one: training's)
+            metrics.setdefault("host_peak_bytes", peak_rss_bytes())
             publish(store, scratch, own, {
                 "stage": stage,
                 "key": key,
