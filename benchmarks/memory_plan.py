@@ -3,7 +3,8 @@ process on rows of real-length text that fill `data.max_length`, and its residen
 (the stage's own `host_peak_bytes`) is set beside the plan's `host_peak_bytes`.
 
     .venv/bin/python benchmarks/memory_plan.py table [--repeats 3]          # all configs below, a markdown table
-    .venv/bin/python benchmarks/memory_plan.py measure MODEL_DIR SEQ BATCH  # one, as JSON (what the test runs)
+    .venv/bin/python benchmarks/memory_plan.py measure BASE SEQ BATCH [KEY=VALUE...]  # one fine-tune, JSON (the test's)
+    .venv/bin/python benchmarks/memory_plan.py measure-quantize [KEY=VALUE...]       # one quantize of SmolLM2, JSON
 
 The GPU rows compare `--plan-for cuda` with the GPU machine's measured `torch.cuda.max_memory_allocated`
 (../shared/device/README.md, 2026-11-28: a Qwen2-1.5B-shaped LoRA r16 run, seq 1024, micro-batch 8, bf16).
@@ -30,6 +31,12 @@ CONFIGS = [  # (base, seq, micro-batch, extra --set)
     (SMOLLM2, 512, 4, []),
     (SMOLLM2, 512, 8, ["training.gradient_checkpointing=true"]),
     (SMOLLM2, 256, 8, ["training.precision=fp32"]),
+]
+QUANTIZE_CONFIGS = [  # SmolLM2-135M (its fp32 dequantized weights as the merged model), random token ids
+    ["quantization.calibration.n_samples=128", "quantization.calibration.max_length=128",
+     "quantization.calibration.batch_size=8", "quantization.gptaq_alpha=null", "quantization.mse=0"],  # make run's
+    ["quantization.calibration.n_samples=128", "quantization.calibration.max_length=256",
+     "quantization.calibration.batch_size=4", "quantization.gptaq_alpha=0.25", "quantization.mse=0"],
 ]
 QWEN2_15B = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -76,9 +83,33 @@ def measure(base: str, seq: int, batch: int, extra: list[str]) -> dict:
             "precision": metrics["precision"], "parts": plan["parts"]}
 
 
+def measure_quantize(settings: list[str]) -> dict:
+    """gptqmodel's quantize of SmolLM2-135M here (call in a fresh process): its resident peak and the plan's."""
+    from pipeline.base_model import read_model_config, resolve_model_dir
+    from pipeline.config import load_config
+    from pipeline.memory import model_shape, peak_rss_bytes, plan_quantize, reset_peak_rss, visible_device
+    from tasks.quantize import quantize_gptq
+
+    cfg = load_config("default", settings)
+    calibration = cfg.quantization.calibration
+    rng = random.Random(0)
+    ids = [[rng.randrange(100, 40000) for _ in range(calibration.max_length)] for _ in range(calibration.n_samples)]
+    merged = resolve_model_dir(SMOLLM2)
+    plan = plan_quantize(model_shape(read_model_config(SMOLLM2)), cfg, visible_device())
+    reset_peak_rss()
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_gptq(merged, Path(tmp), cfg.quantization, ids)
+    measured = peak_rss_bytes()
+    return {"settings": settings, "measured_bytes": measured, "planned_bytes": plan.host_peak_bytes,
+            "ratio": plan.host_peak_bytes / measured, "parts": plan.parts}
+
+
 def measure_in_fresh_process(base: str, seq: int, batch: int, extra: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "measure", base, str(seq), str(batch), *extra],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return _fresh(["measure", base, str(seq), str(batch), *extra])
+
+
+def _fresh(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -115,6 +146,15 @@ def table(repeats: int) -> None:
         lines.append(f"| {base.rsplit('/', 1)[-1]} | {seq} | {batch} | {', '.join(extra) or 'bf16 (auto)'} | "
                      f"{planned:.0f} | {median:.0f} ({measured[0]:.0f}-{measured[-1]:.0f}) | {planned / median:.3f} |")
         print(lines[-1], flush=True)
+    print("\n| quantize (gptqmodel, SmolLM2-135M, fp32) | planned MiB | measured MiB | planned / measured |\n"
+          "| --- | --- | --- | --- |", flush=True)
+    for settings in QUANTIZE_CONFIGS:
+        row = _fresh(["measure-quantize", *settings])
+        brief = ", ".join(s.removeprefix("quantization.").removeprefix("calibration.") for s in settings)
+        print(f"| {brief} | {row['planned_bytes'] / MIB:.0f} | {row['measured_bytes'] / MIB:.0f} | "
+              f"{row['ratio']:.3f} |", flush=True)
+    print("\n| GPU (`--plan-for cuda`, allocator) | seq | micro-batch | settings | planned MiB | measured MiB | "
+          "planned / measured |\n| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for row in gpu_rows():
         lines.append(f"| Qwen2-1.5B shape, `--plan-for cuda` | 1024 | 8 | fused kernels {'on' if row['fused_kernels'] else 'off'}"
                      f" | {row['planned_gib'] * 1024:.0f} | {row['measured_gib'] * 1024:.0f} (GPU machine) | "
@@ -130,11 +170,15 @@ def main() -> None:
     one.add_argument("seq", type=int)
     one.add_argument("batch", type=int)
     one.add_argument("extra", nargs="*")
+    quantize = sub.add_parser("measure-quantize")
+    quantize.add_argument("settings", nargs="*")
     many = sub.add_parser("table")
     many.add_argument("--repeats", type=int, default=3, help="fine-tunes per CPU row (median and range reported)")
     args = parser.parse_args()
     if args.command == "measure":
         print(json.dumps(measure(args.base, args.seq, args.batch, args.extra)))
+    elif args.command == "measure-quantize":
+        print(json.dumps(measure_quantize(args.settings)))
     else:
         table(args.repeats)
 

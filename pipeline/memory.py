@@ -282,10 +282,15 @@ def plan_finetune(shape: ModelShape, setup: TrainSetup, device: Device) -> Stage
 
 def plan_merge(shape: ModelShape, cfg: PipelineConfig, device: Device) -> StagePlan:
     """The merge runs on the host: the base in the merge dtype, the adapter merged in place, a few check forwards."""
-    dtype = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.merge.dtype, 4 if device.kind == "cpu" else 2)
+    dtype = merge_dtype_bytes(cfg, device)
     checks = cfg.merge.check_samples * cfg.data.max_length * shape.vocab * 4 * 2  # adapter's and merged logits
     parts = {"weights": shape.params * dtype, "check_logits": checks, "runtime": HOST_RUNTIME}
     return _host_stage(parts, device)
+
+
+def merge_dtype_bytes(cfg: PipelineConfig, device: Device) -> int:
+    """Bytes per weight of the merged model: merge.dtype, or for auto fp32 on a CPU and the base's bf16 on a GPU."""
+    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.merge.dtype, 4 if device.kind == "cpu" else 2)
 
 
 def plan_quantize(shape: ModelShape, cfg: PipelineConfig, device: Device) -> StagePlan:
@@ -294,17 +299,24 @@ def plan_quantize(shape: ModelShape, cfg: PipelineConfig, device: Device) -> Sta
     sample's input to the layer and its output (and GPTAQ's unquantized inputs), one batch's forward."""
     quant, calibration = cfg.quantization, cfg.quantization.calibration
     layer_weights = shape.layer_linear_params // max(shape.layers, 1) * 2
-    hessians = sum(n_in * n_in * 4 for n_in, _ in shape.linears.values())
-    streams = 3 if quant.gptaq_alpha is not None else 2
-    samples = calibration.n_samples * calibration.max_length * shape.hidden * 2 * streams
+    gptaq = quant.gptaq_alpha is not None
+    # a Hessian per Linear (GPTAQ: a second in x in matrix each), and for the largest Linear being solved its
+    # inverse's Cholesky factor and fp32 working copies of the weight, its quantized values and their error
+    hessians = sum(n_in * n_in * 4 for n_in, _ in shape.linears.values()) * (2 if gptaq else 1)
+    n_in, n_out = max(shape.linears.values(), key=lambda io: io[0] * io[0] + 3 * io[0] * io[1])
+    solve = n_in * n_in * 4 + 3 * n_in * n_out * 4
+    streams = 3 if gptaq else 2
+    # the merged model's dtype: bf16 on a GPU; on a CPU, merge.dtype (auto: fp32), and the activations with it
+    dtype = 2 if device.kind == "cuda" else merge_dtype_bytes(cfg, device)
+    samples = calibration.n_samples * calibration.max_length * shape.hidden * dtype * streams
     forward = calibration.batch_size * calibration.max_length * (3 * shape.intermediate + 4 * shape.hidden) * 4
-    model_bytes = shape.params * (2 if device.kind == "cuda" else shape.dtype_bytes)
+    model_bytes = shape.params * dtype
     if device.kind == "cuda":
-        parts = {"layer_weights": layer_weights * 2, "hessians": hessians, "calibration_activations": samples,
+        parts = {"layer_weights": layer_weights * 2, "hessians": hessians, "solve": solve, "calibration_activations": samples,
                  "forward": forward, "embeddings": shape.head_params * 2, "cuda_context": CUDA_CONTEXT}
         host = {"runtime": HOST_RUNTIME_CUDA, "model": model_bytes}
         return StagePlan(sum(parts.values()), sum(host.values()), parts, host)
-    parts = {"model": model_bytes, "layer_weights": layer_weights, "hessians": hessians,
+    parts = {"model": model_bytes, "layer_weights": layer_weights, "hessians": hessians, "solve": solve,
              "calibration_activations": samples, "forward": forward, "runtime": HOST_RUNTIME}
     return _host_stage(parts, device)
 

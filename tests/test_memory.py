@@ -119,3 +119,11 @@ def test_plan_is_within_20_percent_of_the_measured_cpu_peak(base, seq, batch):
     compared with the plan (SmolLM2-135M comes from PyPI, as `make run` fetches it)."""
     row = memory_plan.measure_in_fresh_process(base, seq, batch, [])
     assert 0.8 <= row["ratio"] <= 1.2, row
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_quantize_plan_is_within_20_percent_of_the_measured_cpu_peak():
+    """gptqmodel quantizing SmolLM2-135M with `make run`'s calibration settings, in a fresh process."""
+    row = memory_plan._fresh(["measure-quantize", *memory_plan.QUANTIZE_CONFIGS[0]])
+    assert 0.8 <= row["ratio"] <= 1.2, row
