@@ -385,7 +385,7 @@ def budget(device: Device) -> int | None:
 
 
 def pick_batch(cfg: PipelineConfig, shape: ModelShape, device: Device, quantized: bool) -> int:
-    """The configured micro-batch, or for `auto` the largest (up to 256, and the training rows) that fits with the
+    """The configured micro-batch, or for `auto` the largest power of two up to 256 that fits with the
     margin; 1 where nothing is known of the device's memory or even 1 does not fit (preflight then refuses)."""
     batch = cfg.training.per_device_train_batch_size
     if batch != "auto":
