@@ -169,9 +169,10 @@ def memory_table(summary: RunSummary) -> str:
             "| --- | --- | --- | --- | --- |"]
     for name, stage in plan["stages"].items():
         ran = summary.stages.get(name)
-        metrics = ran.metrics if ran is not None and not ran.reused else {}
+        metrics = ran.metrics if ran is not None and not ran.reused and name != "serve" else {}
+        measured = "in vLLM's own process" if name == "serve" else _gib(metrics.get("host_peak_bytes"))
         rows.append(f"| {name} | {_gib(stage['device_peak_bytes'])} | {_gib(stage['host_peak_bytes'])} | "
-                    f"{_gib(metrics.get('host_peak_bytes'))} | {_gib(metrics.get('peak_memory_bytes'))} |")
+                    f"{measured} | {_gib(metrics.get('peak_memory_bytes'))} |")
     return "\n".join(rows)
 
 
