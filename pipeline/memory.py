@@ -425,9 +425,10 @@ def fit_problems(cfg: PipelineConfig, model_config: dict, device: Device, plan: 
             shape, replace(setup, batch=b), device).device_peak_bytes <= limit), default=1)
         accumulation = cfg.training.gradient_accumulation_steps * math.ceil(setup.batch / smaller)
         option(f"--set training.per_device_train_batch_size={smaller} --set training.gradient_accumulation_steps="
-               f"{accumulation} (the same examples per optimizer step)", replace(setup, batch=smaller))
+               f"{accumulation} ({smaller * accumulation} examples per optimizer step, "
+               f"{setup.batch * cfg.training.gradient_accumulation_steps} before)", replace(setup, batch=smaller))
     if not setup.qlora and not setup.quantized_base:
-        option("--set training.qlora=true (pip install '.[qlora]'; the merge still uses the full-precision base)",
+        option("--set training.qlora=true (pip install '.[qlora]'), the merge still using the full-precision base",
                replace(setup, qlora=True))
     shorter = max((n for n in (2 ** k for k in range(5, 16)) if n < setup.seq and plan_finetune(
         shape, replace(setup, seq=n), device).device_peak_bytes <= limit), default=None)
@@ -439,14 +440,14 @@ def fit_problems(cfg: PipelineConfig, model_config: dict, device: Device, plan: 
         option("all of: gradient checkpointing, micro-batch 1, QLoRA" + (", fused kernels" if device.kind == "cuda"
                                                                           else ""), combined)
     lines = [f"{setting}: saves {gib(peak - new)} -> {gib(new)} ({'fits' if new <= limit else 'not enough alone'})"
-             for setting, new in sorted(options, key=lambda o: o[1])]
+             for setting, new in sorted(options, key=lambda o: o[1]) if peak - new > 0.005 * peak]
     top = sorted(finetune.parts.items(), key=lambda kv: -kv[1])[:4]
-    return [f"the fine-tune will not fit: the memory plan needs {gib(peak)} on {device.describe()} free, and a run "
-            f"may plan {gib(limit)} (a {FIT_MARGIN:.0%} margin); the most is "
+    return [f"the fine-tune will not fit: the memory plan needs {gib(peak)} on {device.describe()}, and a run "
+            f"may plan {gib(limit)} of it (a {FIT_MARGIN:.0%} margin); the most is "
             + ", ".join(f"{name} {gib(size)}" for name, size in top)
             + f" (micro-batch {setup.batch} of {setup.seq} tokens). Settings that would save memory: "
             + "; ".join(lines) + ". Rows much shorter than data.max_length also save with training.packing=true "
-            "(the plan assumes full-length rows). See the whole plan: python -m flows.finetune_then_quantize --plan"]
+            "(the plan assumes full-length rows). The whole plan: the same command with --plan"]
 
 
 def gib(n: int | float) -> str:

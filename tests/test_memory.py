@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 
 from pipeline.config import load_config
 from pipeline.errors import PreflightError
-from pipeline.memory import GIB, Device, model_shape, plan_finetune, plan_run, planned_cuda, train_setup
+from pipeline.memory import GIB, Device, fit_problems, model_shape, plan_finetune, plan_run, planned_cuda, train_setup
 from pipeline.preflight import preflight
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -70,10 +70,25 @@ def test_a_fine_tune_that_cannot_fit_is_refused_with_what_would_fit(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "the fine-tune will not fit" in result.stderr
     for setting in ("training.gradient_checkpointing=true", "training.per_device_train_batch_size=",
-                    "training.qlora=true", "data.max_length="):
+                    "data.max_length="):
         assert setting in result.stderr, setting
     assert "saves" in result.stderr and "(fits)" in result.stderr
     assert not (tmp_path / "s").exists(), "nothing written"
+
+
+def test_a_gpu_too_small_hears_of_qlora_and_fused_kernels():
+    """Qwen2-1.5B shape, seq 1024, micro-batch 8 on a 32 GiB GPU without liger-kernel installed."""
+    cfg = load_config("smoke", ["data.max_length=1024", "training.per_device_train_batch_size=8", "lora.r=16",
+                                "training.precision=bf16"])
+    gpu = Device("cuda", 32 * GIB, 64 * GIB, "a 32 GiB GPU", fused_kernels=False)
+    plan = plan_run(cfg, memory_plan.QWEN2_15B, gpu)
+    [problem] = fit_problems(cfg, memory_plan.QWEN2_15B, gpu, plan)
+    suggestions = dict(line.split(": saves ") for line in problem.split("Settings that would save memory: ")[1]
+                       .split(". Rows much shorter")[0].split("; "))
+    assert any(s.startswith("--set training.qlora=true") for s in suggestions)
+    assert any(s.startswith("--set training.fused_kernels=auto") for s in suggestions)
+    fused = next(v for s, v in suggestions.items() if s.startswith("--set training.fused_kernels"))
+    assert fused.endswith("(fits)"), "Liger's fused loss drops 14 GiB of logits: 22 GiB measured on the GPU machine"
 
 
 def test_auto_micro_batch_is_the_largest_that_fits(tmp_path):
