@@ -57,6 +57,20 @@ def restore_latest(store: Store, prefix: str, local_dir: Path) -> Path | None:
     return None
 
 
+def publish_checkpoint(store: Store, prefix: str, local: Path, step: int, keep: int = 2) -> None:
+    """Publish the local `checkpoint-<step>` folder to `<prefix>/checkpoint-<step>`; keep the newest `keep` there."""
+    target = f"{prefix}/checkpoint-{step}"
+    scratch = new_scratch(store, target)
+    try:
+        with disk_full_as_one_sentence("finetune", store.url(target), scratch):
+            shutil.copytree(local, scratch, dirs_exist_ok=True)
+            publish(store, scratch, target, {"stage": "checkpoint", "key": f"{Path(prefix).name}-{step}", "step": step})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for _, old in published_checkpoints(store, prefix)[:-keep]:
+        retrying("pruning an old checkpoint", lambda old=old: store.fs.rm(old, recursive=True))
+
+
 class CheckpointSync(TrainerCallback):
     """Publish each checkpoint the Trainer writes to the store; keep the newest `keep` there."""
 
@@ -65,15 +79,4 @@ class CheckpointSync(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         step = state.global_step
-        local = Path(args.output_dir) / f"checkpoint-{step}"
-        target = f"{self.prefix}/checkpoint-{step}"
-        scratch = new_scratch(self.store, target)
-        try:
-            with disk_full_as_one_sentence("finetune", self.store.url(target), scratch):
-                shutil.copytree(local, scratch, dirs_exist_ok=True)
-                publish(self.store, scratch, target, {"stage": "checkpoint", "key": f"{Path(self.prefix).name}-{step}",
-                                                      "step": step})
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        for _, old in published_checkpoints(self.store, self.prefix)[: -self.keep]:
-            retrying("pruning an old checkpoint", lambda old=old: self.store.fs.rm(old, recursive=True))
+        publish_checkpoint(self.store, self.prefix, Path(args.output_dir) / f"checkpoint-{step}", step, self.keep)

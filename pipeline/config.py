@@ -114,6 +114,29 @@ class TrainingConfig(_Section):
                                                    "copy of the base, on CUDA or CPU; the merge and GPTQ use the "
                                                    "full-precision base as usual. pip install '.[qlora]'.")
     seed: int = Field(default=0, description="Seed of the LoRA initialisation and the data order.")
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        default="none", description="Train in one process (none), or as a torchrun process group of `nproc` ranks: "
+                                    "ddp (each rank holds the model), fsdp (FSDP2: parameters, gradients and optimizer "
+                                    "states sharded), deepspeed (ZeRO, CUDA only). The global batch is "
+                                    "per_device_train_batch_size x gradient_accumulation_steps x nproc (docs/distributed.md).")
+    nproc: int | Literal["auto"] = Field(
+        default="auto", description="Ranks on this machine when distributed: one per GPU; auto = every visible GPU. "
+                                    "On a CPU (gloo) set a number: the ranks share the host's RAM, so it saves no "
+                                    "memory; it runs the GPU's code paths in tests.")
+    fsdp_config: str | None = Field(
+        default=None, description="With distributed=fsdp: transformers' fsdp_config as JSON, a name in conf/fsdp/ "
+                                  "(full_shard, full_shard_offload) or a file; default full_shard.")
+    deepspeed_config: str | None = Field(
+        default=None, description="With distributed=deepspeed: a DeepSpeed JSON config, a name in conf/deepspeed/ "
+                                  "(zero2, zero3, zero3_offload) or a file, `auto` values filled by the Trainer; "
+                                  "default zero2.")
+
+    @field_validator("nproc")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("nproc must be at least 1, or auto")
+        return value
 
     @field_validator("fused_kernels", mode="before")
     @classmethod

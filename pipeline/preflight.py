@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 from pipeline.base_model import (
@@ -21,6 +22,7 @@ from pipeline.base_model import (
 )
 from pipeline.config import PipelineConfig
 from pipeline.data import DataError, Dataset, read_calibration, read_dataset
+from pipeline.distributed import check_distributed, visible_gpus
 from pipeline.errors import PreflightError
 from pipeline.gguf_base import is_gguf
 from pipeline.memory import (
@@ -73,6 +75,9 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
         problems += check_remote_code(cfg.model.name_or_path, model_config, cfg.model.trust_remote_code)
         if not is_gguf(cfg.model.name_or_path):
             problems += check_weights_format(cfg)
+    problems += check_distributed(cfg.training, visible_gpus(), os.cpu_count() or 1,
+                                  quantized_base=model_config is not None and "quantization_config" in model_config,
+                                  hidden_size=(model_config or {}).get("hidden_size"))
     dataset, data_problems = check_data(cfg, check_template=model_config is not None)
     problems += data_problems
     if model_config is not None and "quantization_config" not in model_config:

@@ -8,20 +8,24 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from pipeline.base_model import quantization_of, resolve_model_dir
 from pipeline.cache import cache_root
-from pipeline.checkpoints import CheckpointSync, restore_latest
+from pipeline.checkpoints import CheckpointSync, publish_checkpoint, restore_latest
 from pipeline.config import LoraConfig, TrainingConfig
 from pipeline.data import Dataset, tokenize_example
+from pipeline.distributed import launch_ranks, resolve_nproc, visible_gpus
 from pipeline.errors import StageCheckError
 from pipeline.keys import code_version
 from pipeline.memory import peak_rss_bytes, plan_run, reset_peak_rss, resolve_batch, visible_device
 from pipeline.output_head import selective_head
 from pipeline.run import RunContext
-from pipeline.stage import StageArtifact, key_of, run_stage
+from pipeline.stage import StageArtifact, key_of, local_copy, run_stage
 from pipeline.store import describe_files, retrying
 from tasks.data import read_data
 
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConfig, training: TrainingConfig,
                out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None,
+               on_saved: Callable[[int, Path], None] | None = None,
                trust_remote_code: bool = False, base_name: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on `base_dir` with `dataset` (examples cut to `max_length` tokens), write it to
     `out_dir`, return eval losses before and after. The adapter names its base `base_name` (the user's hub id or
@@ -37,6 +42,10 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
 
     Checkpoints go to `checkpoint_dir` every `save_steps`, and with `sync` to the store as well; training resumes
     from the newest complete one (the store's, restored into `checkpoint_dir`, else the folder's own).
+
+    Run as one rank of a torchrun process group (`training.distributed`), every rank trains its share of each
+    global batch; `on_saved(step, folder)` is called on rank 0 once every rank has written a checkpoint, and rank 0
+    alone writes `out_dir`.
     """
     import torch
     from peft import LoraConfig as PeftLoraConfig
@@ -73,6 +82,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     bf16 = uses_bf16(training.precision, on_gpu) or quantized is not None
     # bf16 is mixed precision: bf16 arithmetic (autocast); on a GPU the frozen base is held in bf16 too, to halve
     # its memory; on a CPU it stays fp32, which costs nothing in speed there
+    sharded = training.distributed in ("fsdp", "deepspeed")  # the model's parameters spread over the ranks
     load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 and on_gpu else torch.float32,
                                    "trust_remote_code": trust_remote_code}
     if quantized:  # an adapter on a GPTQ base (preflight let only GPTQ through): gptqmodel's trainable torch kernel,
@@ -84,10 +94,12 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     if training.qlora:
         from transformers import BitsAndBytesConfig
 
-        # nf4 with double quantization (QLoRA's recipe); bitsandbytes >= 0.46 runs it on CPU as well as CUDA
+        # nf4 with double quantization (QLoRA's recipe); bitsandbytes >= 0.46 runs it on CPU as well as CUDA.
+        # Sharded (FSDP, ZeRO-3), the packed weights are stored in the compute dtype: a shard holds one dtype.
+        compute = torch.bfloat16 if bf16 else torch.float32
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+            bnb_4bit_compute_dtype=compute, **({"bnb_4bit_quant_storage": compute} if sharded else {}))
     model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
     if training.qlora:
         model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
@@ -133,6 +145,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         remove_unused_columns=False,
         use_cpu=not on_gpu,
         use_liger_kernel=fused,  # AdamW is already the fused one: transformers' default with torch >= 2.8
+        **engine_arguments(training),
     )
     # Padding-free packing: one row per micro-batch with per-example positions; transformers derives a
     # block-diagonal causal mask from the restarting position ids, so no token attends across examples.
@@ -142,10 +155,19 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
                             selective_head=not fused and selective_head(model))
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
-        callbacks=[ProgressLogger()] + ([sync] if sync else []),
+        callbacks=[ProgressLogger()] + ([sync] if sync else []) + ([RanksSaved(on_saved)] if on_saved else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints each log dict to stdout; ProgressLogger logs them already
-    eval_before = trainer.evaluate()["eval_loss"]
+    if training.distributed == "fsdp" and not on_gpu:
+        shard_on_cpu(trainer)
+    # transformers cannot evaluate a sharded (FSDP2, ZeRO) model before training: there it is measured afterwards,
+    # with the adapter switched off, which is the model before training (LoRA starts as the identity: B = 0)
+    eval_before = None if sharded else trainer.evaluate()["eval_loss"]
+    if training.distributed == "ddp":
+        # accelerate marks the model prepared when evaluate() readies it for inference, and then skips the DDP wrap
+        # for training: every rank would train on its own share with no gradient sync (accelerate 1.15; the DDP test
+        # compares the gradient norms with one process's)
+        model.__dict__.pop("_is_accelerate_prepared", None)
     if sync is not None:
         restore_latest(sync.store, sync.prefix, Path(checkpoint_dir))
     resume = get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
@@ -158,13 +180,19 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     result = trainer.train(resume_from_checkpoint=resume)
     train_tokens = collator.tokens
     eval_after = trainer.evaluate()["eval_loss"]
+    if sharded:
+        with model.disable_adapter():
+            eval_before = trainer.evaluate()["eval_loss"]
     logger.info("eval loss %.4f -> %.4f", eval_before, eval_after)
 
     name_base(model, base_name or str(base_dir))
-    model.save_pretrained(out_dir, save_embedding_layers=False)  # the vocabulary is never resized here
-    tokenizer.save_pretrained(out_dir)
+    state_dict = gather_adapter(trainer, on_gpu) if sharded else None
     history = [e for e in trainer.state.log_history if "loss" in e]
-    (Path(out_dir) / "training_log.json").write_text(json.dumps(history, indent=2))
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out_dir, state_dict=state_dict,
+                              save_embedding_layers=False)  # the vocabulary is never resized here
+        tokenizer.save_pretrained(out_dir)
+        (Path(out_dir) / "training_log.json").write_text(json.dumps(history, indent=2))
     return {
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
@@ -181,12 +209,67 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "nf4_layers": nf4_layers,
         "packing": training.packing,
         "fused_kernels": fused,
+        "distributed": training.distributed,
+        "ranks": trainer.args.world_size,
         "train_seconds": result.metrics["train_runtime"],
         "train_tokens": train_tokens,
         "tokens_per_second": train_tokens / result.metrics["train_runtime"],
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,  # the device's, training
         "host_peak_bytes": peak_rss_bytes(),  # the process's resident high-water mark while training (Linux)
     }
+
+
+def engine_arguments(training: TrainingConfig) -> dict[str, Any]:
+    """The Trainer's arguments for `training.distributed`: none for one process or DDP (torchrun's environment is
+    enough), the FSDP2 or DeepSpeed config read from its JSON file."""
+    from pipeline.distributed import read_engine_config
+
+    if training.distributed == "fsdp":
+        return {"fsdp": True, "fsdp_config": read_engine_config("fsdp", training.fsdp_config)}
+    if training.distributed == "deepspeed":
+        return {"deepspeed": read_engine_config("deepspeed", training.deepspeed_config)}
+    if training.distributed == "ddp":
+        return {"ddp_find_unused_parameters": False}  # the frozen base has no gradients to wait for
+    return {}
+
+
+def gather_adapter(trainer, on_gpu: bool) -> dict[str, Any]:
+    """The trained parameters as full tensors on rank 0, gathered from their shards: a collective, every rank calls
+    it. FSDP2 gathers the adapter alone (not the frozen base); ZeRO-3 its 16-bit consolidated weights."""
+    if trainer.is_deepspeed_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # on CPU, cpu_offload would hand back the DTensor shards themselves (torch 2.13), not full tensors
+    return get_model_state_dict(trainer.model_wrapped, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=on_gpu, ignore_frozen_params=True))
+
+
+def shard_on_cpu(trainer) -> None:
+    """Run the Trainer's FSDP2 path on CPU ranks (gloo). accelerate picks FSDP only on accelerators and silently
+    falls back to DDP on CPU; so the state it built is switched to FSDP with the plugin the Trainer's arguments
+    describe, exactly what it holds on a GPU. Only the CPU tests need this: on one host, CPU ranks share its RAM."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+class RanksSaved(TrainerCallback):
+    """After each checkpoint: wait until every rank has written its part, then tell rank 0's `on_saved`."""
+
+    def __init__(self, on_saved: Callable[[int, Path], None]):
+        self.on_saved = on_saved
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if state.is_world_process_zero:
+            self.on_saved(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def uses_bf16(precision: str, on_gpu: bool) -> bool:
@@ -290,6 +373,8 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
     local_checkpoints = cache_root() / "scratch" / f"checkpoints-{os.getpid()}-{time.time_ns()}"
 
     def build(out_dir: Path) -> dict[str, Any]:
+        if training.distributed != "none":
+            return train_ranks(run, base_dir, local_copy(store, data), training, out_dir, local_checkpoints, work)
         return train_lora(base_dir, read_data(run, data), run.cfg.data.max_length, run.cfg.lora, training,
                           out_dir, local_checkpoints, CheckpointSync(store, work),
                           trust_remote_code=model.trust_remote_code, base_name=model.name_or_path)
@@ -301,3 +386,22 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
     if retrying("checking checkpoints", lambda: store.fs.exists(work)):
         retrying("removing spent checkpoints", lambda: store.fs.rm(work, recursive=True))  # the adapter is published
     return artifact
+
+
+def train_ranks(run: RunContext, base_dir: Path, data_dir: Path, training: TrainingConfig, out_dir: Path,
+                checkpoint_dir: Path, work: str) -> dict[str, Any]:
+    """`train_lora` as a torchrun process group (`training.distributed`): the store's newest checkpoint restored for
+    every rank to resume from, each checkpoint the ranks write published here, the adapter written by rank 0."""
+    store = run.store
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    restore_latest(store, work, checkpoint_dir)
+    spec = checkpoint_dir / "spec.json"
+    metrics_file = checkpoint_dir / "metrics.json"
+    spec.write_text(json.dumps({
+        "base_dir": str(base_dir), "data_dir": str(data_dir), "max_length": run.cfg.data.max_length,
+        "lora": run.cfg.lora.model_dump(), "training": training.model_dump(), "out_dir": str(out_dir),
+        "checkpoint_dir": str(checkpoint_dir), "metrics": str(metrics_file),
+        "trust_remote_code": run.cfg.model.trust_remote_code, "base_name": run.cfg.model.name_or_path}))
+    launch_ranks(spec, resolve_nproc(training, visible_gpus()),
+                 lambda saved: publish_checkpoint(store, work, Path(saved["folder"]), saved["step"]))
+    return json.loads(metrics_file.read_text())
