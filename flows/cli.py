@@ -7,6 +7,7 @@ failure or a failed quality gate (run.json records which stage failed and why).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -90,12 +91,14 @@ def show_plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         raise ConfigError("--json goes with --plan: python -m flows.finetune_then_quantize --plan --json")
     if is_gguf(cfg.model.name_or_path) and not cfg.model.dequantize_gguf:
         raise ConfigError(refuse_gguf(cfg.model.name_or_path))
-    model_config = read_model_config(cfg.model.name_or_path, cfg.model.revision)
-    device = planned_cuda() if args.plan_for == "cuda" else visible_device()
-    try:
-        plan = plan_run(cfg, model_config, device)
-    except Exception as exc:
-        raise ConfigError(f"no memory plan for base {cfg.model.name_or_path!r}: {type(exc).__name__}: {exc}") from exc
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the plan alone, whatever a library prints
+        model_config = read_model_config(cfg.model.name_or_path, cfg.model.revision)
+        device = planned_cuda() if args.plan_for == "cuda" else visible_device()
+        try:
+            plan = plan_run(cfg, model_config, device)
+        except Exception as exc:
+            raise ConfigError(f"no memory plan for base {cfg.model.name_or_path!r}: {type(exc).__name__}: {exc}") \
+                from exc
     print(json.dumps(plan.as_dict(), indent=2) if args.json else render_plan(plan), flush=True)
     problems = fit_problems(cfg, model_config, device, plan)
     for problem in problems:

@@ -59,6 +59,18 @@ def read_engine_config(engine: str, name_or_path: str | None) -> dict[str, Any]:
     return value
 
 
+def sharding_of(training: TrainingConfig) -> tuple[str, bool]:
+    """What the engine spreads over the ranks (none; optimizer: gradients and optimizer states, ZeRO-2; params:
+    everything, FSDP and ZeRO-3) and whether it offloads to host RAM: the memory plan's view of the config."""
+    if training.distributed == "fsdp":
+        return "params", bool(read_engine_config("fsdp", training.fsdp_config).get("cpu_offload"))
+    if training.distributed == "deepspeed":
+        zero = read_engine_config("deepspeed", training.deepspeed_config).get("zero_optimization") or {}
+        offload = bool(zero.get("offload_param") or zero.get("offload_optimizer"))
+        return {1: "optimizer", 2: "optimizer", 3: "params"}.get(zero.get("stage", 0), "none"), offload
+    return "none", False
+
+
 def visible_gpus() -> int:
     import torch
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.config import PipelineConfig
+from pipeline.distributed import sharding_of
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,9 @@ class TrainSetup:
     lora_r: int
     lora_dropout: float
     prompt_tuning_tokens: int = 0
+    ranks: int = 1                    # training processes (one per GPU)
+    sharding: str = "none"            # none (each rank holds everything), optimizer (ZeRO-2), params (FSDP, ZeRO-3)
+    offload: bool = False             # sharded parameters and optimizer states held in host RAM
 
 
 def train_setup(cfg: PipelineConfig, device: Device, quantized_base: bool, batch: int | None = None) -> TrainSetup:
@@ -211,13 +215,17 @@ def train_setup(cfg: PipelineConfig, device: Device, quantized_base: bool, batch
     fused = device.kind == "cuda" and training.fused_kernels != "off" and device.fused_kernels
     bf16 = quantized_base or (training.precision == "bf16" or (training.precision == "auto" and device.bf16))
     prompt_tuning = training.method == "prompt_tuning"
+    sharding, offload = sharding_of(training)
     return TrainSetup(
         batch=batch or (training.per_device_train_batch_size if training.per_device_train_batch_size != "auto" else 1),
         seq=cfg.data.max_length + (training.num_virtual_tokens if prompt_tuning else 0),
         bf16=bf16, fused=fused, checkpointing=training.gradient_checkpointing, qlora=training.qlora,
         quantized_base=quantized_base, lora_targets=() if prompt_tuning else tuple(cfg.lora.target_modules),
         lora_r=cfg.lora.r, lora_dropout=cfg.lora.lora_dropout,
-        prompt_tuning_tokens=training.num_virtual_tokens if prompt_tuning else 0)
+        prompt_tuning_tokens=training.num_virtual_tokens if prompt_tuning else 0,
+        ranks=1 if training.distributed == "none" else (
+            training.nproc if isinstance(training.nproc, int) else device.count),
+        sharding=sharding, offload=offload)
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup, device: str) -> int:
@@ -266,29 +274,41 @@ def plan_finetune(shape: ModelShape, setup: TrainSetup, device: Device) -> Stage
         activations = tokens * (shape.layers * shape.hidden * (compute if on_cuda else 4) + per_layer)
     else:
         activations = tokens * shape.layers * per_layer
+    ranks = setup.ranks
+    shard = {"none": (1, 1), "optimizer": (1, ranks), "params": (ranks, ranks)}[setup.sharding]
     parts: dict[str, int] = {
-        "weights": int(weights),
-        "adapter": adapter * 4,                    # fp32 (peft upcasts the adapter)
-        "gradients": adapter * 4,
-        "optimizer": adapter * 8,                  # AdamW's two moments
+        "weights": int(weights) // shard[0],
+        "adapter": adapter * 4 // shard[0],        # fp32 (peft upcasts the adapter)
+        "gradients": adapter * 4 // shard[1],
+        "optimizer": adapter * 8 // shard[1],      # AdamW's two moments
         "activations": int(activations),
         # at the backward's start the loss's tensors sit beside every layer's; then a layer's gradients pass
         "logits": tokens * shape.hidden * 4 if setup.fused else tokens * shape.vocab * LOGIT_BYTES,
         "backward": tokens * per_layer,
     }
+    if setup.sharding == "params":  # a layer gathered whole for its forward and backward, the next one prefetched
+        parts["gathered_layers"] = int(weights / max(shape.layers, 1) * 2)
     if not on_cuda and setup.bf16 and not setup.qlora:
         parts["autocast_weight_copies"] = (shape.layer_linear_params + shape.head_params) * 2
+    offloaded = {}
+    if setup.offload and setup.sharding != "none":  # every rank's shards in host RAM: the whole model's
+        offloaded = {"offloaded_weights": parts.pop("weights") * ranks if setup.sharding == "params" else 0,
+                     "offloaded_optimizer": parts.pop("optimizer") * ranks}
     if on_cuda:
         parts["cuda_context"] = CUDA_CONTEXT
-        host_parts = {"runtime": HOST_RUNTIME_CUDA, "weights_at_load": shape.params * shape.dtype_bytes}
+        host_parts = {"runtime": HOST_RUNTIME_CUDA * ranks, "weights_at_load": shape.params * shape.dtype_bytes * ranks,
+                      **offloaded}
         device_peak = sum(parts.values())
     else:
         dynamic = parts["activations"] + parts["logits"] + parts["backward"]
         parts["allocator"] = int(dynamic * CPU_ALLOCATOR_SLACK)
         parts["runtime"] = HOST_RUNTIME
-        host_parts = dict(parts)
+        # CPU ranks are processes of one host: the host holds every rank's share
+        host_parts = {name: size * ranks for name, size in parts.items()} | offloaded
+        parts = host_parts
         device_peak = sum(parts.values())
-    notes = {"micro_batch": setup.batch, "tokens_per_micro_batch": tokens, "precision": "bf16" if setup.bf16 else "fp32",
+    notes = {"ranks": ranks, "sharding": setup.sharding, "offload": setup.offload,
+"micro_batch": setup.batch, "tokens_per_micro_batch": tokens, "precision": "bf16" if setup.bf16 else "fp32",
              "fused_kernels": setup.fused, "gradient_checkpointing": setup.checkpointing,
              "activation_bytes_per_token_layer": per_layer}
     return StagePlan(device_peak, sum(host_parts.values()), parts, host_parts, notes)

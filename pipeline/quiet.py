@@ -30,6 +30,11 @@ NOISE = (
     DependencyNoise("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward",
                     "bitsandbytes (imported by transformers and peft whenever it is installed) looks for an optional "
                     "fused CPU kernel on the Hugging Face hub (the `kernels` package) and falls back to its own"),
+    DependencyNoise("DeepSpeed", "Setting accelerator to CPU",
+                    "accelerate imports DeepSpeed whenever it is installed (the `distributed` extra), and DeepSpeed "
+                    "then announces on stdout which accelerator it found; the pipeline chose its devices already"),
+    DependencyNoise("DeepSpeed", "Setting ds_accelerator to",
+                    "the same announcement on a machine with a GPU"),
     DependencyNoise("torch.utils._pytree", "<enum ",
                     "torchao registers its Enum config types with torch's pytree at import, which torch 2.13 accepts "
                     "but calls deprecated; a message for torchao's authors, not for users"),
