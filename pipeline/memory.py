@@ -464,6 +464,11 @@ def fit_problems(cfg: PipelineConfig, model_config: dict, device: Device, plan: 
     if not setup.qlora and not setup.quantized_base:
         option("--set training.qlora=true (pip install '.[qlora]'), the merge still using the full-precision base",
                replace(setup, qlora=True))
+    if device.kind == "cuda" and device.count > 1 and setup.sharding != "params" and not setup.quantized_base:
+        option(f"--set training.distributed=fsdp --set training.nproc={device.count} (FSDP2 over the "
+               f"{device.count} visible GPUs: weights, gradients and optimizer states sharded, the global batch kept "
+               f"by dividing gradient_accumulation_steps)",
+               replace(setup, ranks=device.count, sharding="params", offload=False))
     shorter = max((n for n in (2 ** k for k in range(5, 16)) if n < setup.seq and plan_finetune(
         shape, replace(setup, seq=n), device).device_peak_bytes <= limit), default=None)
     if shorter:

@@ -100,25 +100,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute, **({"bnb_4bit_quant_storage": compute} if sharded else {}))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
-    if training.qlora:
-        model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
-    if training.qlora or quantized:
-        keep_training_layout(model)
-    if training.method == "prompt_tuning":
-        adapter = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=training.num_virtual_tokens)
-        described = f"prompt tuning, {training.num_virtual_tokens} virtual tokens"
-    else:
-        adapter = PeftLoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-        described = f"LoRA r={lora.r} on {','.join(lora.target_modules)}"
-    model = get_peft_model(model, adapter)
-    trainable, total = model.get_nb_trainable_parameters()
-    nf4_layers = count_nf4_layers(model) if training.qlora else 0
-    if training.qlora:
-        logger.info("QLoRA: %d linear layers of the base held in nf4 (double-quantized) while training", nf4_layers)
-    logger.info("%s: %d trainable of %d parameters (%.3f%%)", described, trainable, total, 100 * trainable / total)
-
+    # before the model: with ZeRO-3 in them, transformers then partitions the weights as they load (zero.Init)
     fused = fused_kernels_available(training.fused_kernels, on_gpu)
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -147,6 +129,25 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         use_liger_kernel=fused,  # AdamW is already the fused one: transformers' default with torch >= 2.8
         **engine_arguments(training),
     )
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
+    if training.qlora:
+        model = prepare_model_for_kbit_training(model, training.gradient_checkpointing)
+    if training.qlora or quantized:
+        keep_training_layout(model)
+    if training.method == "prompt_tuning":
+        adapter = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=training.num_virtual_tokens)
+        described = f"prompt tuning, {training.num_virtual_tokens} virtual tokens"
+    else:
+        adapter = PeftLoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        described = f"LoRA r={lora.r} on {','.join(lora.target_modules)}"
+    model = get_peft_model(model, adapter)
+    trainable, total = model.get_nb_trainable_parameters()
+    nf4_layers = count_nf4_layers(model) if training.qlora else 0
+    if training.qlora:
+        logger.info("QLoRA: %d linear layers of the base held in nf4 (double-quantized) while training", nf4_layers)
+    logger.info("%s: %d trainable of %d parameters (%.3f%%)", described, trainable, total, 100 * trainable / total)
+
     # Padding-free packing: one row per micro-batch with per-example positions; transformers derives a
     # block-diagonal causal mask from the restarting position ids, so no token attends across examples.
     collator = TokenCounter(DataCollatorWithFlattening(separator_id=-100) if training.packing

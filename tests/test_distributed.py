@@ -74,6 +74,19 @@ def test_ddp_and_fsdp2_on_two_ranks_train_the_adapter_one_process_trains(tmp_pat
     assert not list((tmp_path / "ddp").glob("smoke/.work/finetune-*"))
 
 
+@pytest.mark.slow
+def test_fsdp2_with_qlora_stores_nf4_as_the_compute_dtype_and_trains_like_one_process(tmp_path):
+    """FSDP + QLoRA: a shard holds one dtype, so the nf4 weights are stored as the compute dtype
+    (bnb_4bit_quant_storage); the training is then one process's, step by step."""
+    common = ["training.max_steps=4", "training.save_steps=2", "training.logging_steps=1", "training.qlora=true"]
+    single = train_stage(tmp_path / "one", *common, "training.per_device_train_batch_size=8")
+    fsdp = train_stage(tmp_path / "fsdp", *common, "training.per_device_train_batch_size=4",
+                       "training.distributed=fsdp", "training.nproc=2")
+    assert fsdp.metrics["qlora"] and fsdp.metrics["nf4_layers"] == single.metrics["nf4_layers"] > 0
+    for (loss, norm), (loss_1, norm_1) in zip(steps(fsdp), steps(single), strict=True):
+        assert loss == pytest.approx(loss_1, rel=1e-5) and norm == pytest.approx(norm_1, rel=1e-4)
+
+
 def worker_ranks(parent: int) -> dict[int, psutil.Process]:
     """The torchrun workers under a CLI process: {rank: process}."""
     found = {}
@@ -259,3 +272,17 @@ def test_cpu_ranks_plan_the_host_for_all_of_them():
     two = plan_finetune(shape, train_setup(load_config("smoke", ["training.distributed=ddp", "training.nproc=2"]),
                                            host, False), host)
     assert two.device_peak_bytes == two.host_peak_bytes == pytest.approx(2 * one.device_peak_bytes, rel=1e-6)
+
+
+def test_a_fine_tune_too_big_for_one_of_several_gpus_hears_of_fsdp():
+    from pipeline.memory import GIB, Device, MemoryPlan, fit_problems, plan_run
+
+    cfg = load_config("qwen2.5-7b-instruct-multi-gpu", ["training.distributed=none", "training.nproc=auto",
+                                                        "training.fsdp_config=null"])
+    gpus = Device("cuda", 16 * GIB, 256 * GIB, "4 x 16 GiB", 4, True, True)
+    plan = plan_run(cfg, QWEN25_7B, gpus)
+    assert isinstance(plan, MemoryPlan)
+    problems = fit_problems(cfg, QWEN25_7B, gpus, plan)
+    assert len(problems) == 1 and "--set training.distributed=fsdp --set training.nproc=4" in problems[0], problems
+    fsdp = problems[0].split("--set training.distributed=fsdp")[1].split(";")[0]
+    assert "(fits)" in fsdp, fsdp
