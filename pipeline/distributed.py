@@ -27,6 +27,7 @@ from pipeline.config import CONF_DIR, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
+STAGE_PID = "FTQ_STAGE_PID"  # the stage process a rank lives for
 LOG_PREFIX = "@@log "
 CHECKPOINT_PREFIX = "@@checkpoint "
 ENGINE_DEFAULTS = {"fsdp": "full_shard", "deepspeed": "zero2"}
@@ -206,12 +207,15 @@ def launch_ranks(spec: Path, nproc: int, on_checkpoint: Callable[[dict[str, Any]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                "--nproc-per-node", str(nproc), "-m", "tasks.finetune_worker", str(spec)]
     logger.info("training as %d ranks: %s", nproc, " ".join(command[1:]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    project = str(Path(__file__).resolve().parent.parent)  # `-m tasks.finetune_worker` from a checkout too
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", STAGE_PID: str(os.getpid()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     tail: collections.deque[str] = collections.deque(maxlen=80)
     errors: list[str] = []
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    # In this process's group: whatever stops the run's group (Ctrl-C, a worker cancelling the flow run, a
+    # container or pod stopped) stops the ranks too; a stage process killed alone is noticed by each rank's watch.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -226,7 +230,7 @@ def launch_ranks(spec: Path, nproc: int, on_checkpoint: Callable[[dict[str, Any]
                 tail.append(line)
         code = proc.wait()
     except BaseException:
-        os.killpg(proc.pid, signal.SIGTERM)  # the stage is stopping (an error here, or the flow cancelled)
+        proc.terminate()  # the stage is stopping (an error here, or the flow cancelled): torchrun stops its ranks
         proc.wait()
         raise
     if code != 0:
@@ -234,6 +238,29 @@ def launch_ranks(spec: Path, nproc: int, on_checkpoint: Callable[[dict[str, Any]
 
 
 ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def watch_stage(interval: float = 2.0) -> None:
+    """In a rank: exit once the stage process that launched the group is gone (killed on its own, e.g. by the OOM
+    killer), so no rank trains on for nobody."""
+    import threading
+    import time
+
+    stage = int(os.environ.get(STAGE_PID, "0"))
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(stage, 0)
+            except ProcessLookupError:
+                logger.error("the stage process %d is gone; this rank stops", stage)
+                os._exit(1)
+            except PermissionError:  # alive, another user's
+                pass
+
+    if stage:
+        threading.Thread(target=watch, name="watch-stage", daemon=True).start()
 
 
 def describe_failure(code: int, nproc: int, errors: list[str], tail: list[str]) -> str:
@@ -245,6 +272,7 @@ def describe_failure(code: int, nproc: int, errors: list[str], tail: list[str]) 
         rank, exitcode = int(match.group(1)), int(match.group(2))
         killed = f" (killed by {signal.Signals(-exitcode).name})" if exitcode < 0 and -exitcode in signal.valid_signals() else ""
         how = f"rank {rank} of {nproc} exited with {exitcode}{killed}"
-    detail = errors[-1] if errors else next((line for line in reversed(tail) if "Error" in line), "")
+    # the first error a rank logged is the cause; later ones are usually the others losing their peer
+    detail = errors[0].splitlines()[0] if errors else next((line for line in reversed(tail) if "Error" in line), "")
     return (f"the training process group failed: {how}" + (f"; {detail}" if detail else "")
             + ". Nothing was published; checkpoints already in the store stay, and a rerun resumes from the newest.")

@@ -399,9 +399,10 @@ def train_ranks(run: RunContext, base_dir: Path, data_dir: Path, training: Train
     spec = checkpoint_dir / "spec.json"
     metrics_file = checkpoint_dir / "metrics.json"
     spec.write_text(json.dumps({
-        "base_dir": str(base_dir), "data_dir": str(data_dir), "max_length": run.cfg.data.max_length,
-        "lora": run.cfg.lora.model_dump(), "training": training.model_dump(), "out_dir": str(out_dir),
-        "checkpoint_dir": str(checkpoint_dir), "metrics": str(metrics_file),
+        "base_dir": str(Path(base_dir).resolve()), "data_dir": str(Path(data_dir).resolve()),
+        "max_length": run.cfg.data.max_length, "lora": run.cfg.lora.model_dump(), "training": training.model_dump(),
+        "out_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(checkpoint_dir.resolve()),
+        "metrics": str(metrics_file.resolve()),
         "trust_remote_code": run.cfg.model.trust_remote_code, "base_name": run.cfg.model.name_or_path}))
     launch_ranks(spec, resolve_nproc(training, visible_gpus()),
                  lambda saved: publish_checkpoint(store, work, Path(saved["folder"]), saved["step"]))

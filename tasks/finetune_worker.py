@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.config import LoraConfig, TrainingConfig
 from pipeline.data import load_dataset
-from pipeline.distributed import CHECKPOINT_PREFIX, LOG_PREFIX
+from pipeline.distributed import CHECKPOINT_PREFIX, LOG_PREFIX, watch_stage
 from pipeline.quiet import quiet_dependencies
 
 logger = logging.getLogger("tasks.finetune")
@@ -43,6 +43,7 @@ def main(spec_path: str) -> int:
     handler.setFormatter(RecordLine(rank))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler], force=True)
     quiet_dependencies()
+    watch_stage()
     from tasks.finetune import train_lora  # after the quieting: it imports transformers
 
     spec = json.loads(Path(spec_path).read_text())

@@ -122,8 +122,7 @@ def test_a_killed_rank_fails_the_stage_and_the_rerun_resumes_from_the_stores_che
     assert proc.returncode == 1, stderr[-3000:]
     assert "the run failed in finetune" in stderr and "rank 1 of 2 exited with -9 (killed by SIGKILL)" in stderr, \
         stderr[-3000:]
-    survivors = [p.pid for p in psutil.process_iter() if _session(p.pid) == proc.pid]
-    assert not survivors, f"no process of the killed run outlives it: {survivors}"
+    assert not training_processes(proc.pid), "no rank outlives the failed stage"
     assert {p.parent.name for p in (store / "smoke").glob("*/manifest.json")} == {"data"}, "only the data is published"
     killed_at = max(int(p.parent.name.split("-")[1]) for p in published())
     assert 40 <= killed_at < 300
@@ -142,6 +141,44 @@ def test_a_killed_rank_fails_the_stage_and_the_rerun_resumes_from_the_stores_che
     resumed = load_file(store / "smoke" / "finetune" / "adapter_model.safetensors")
     for name, tensor in adapter(straight).items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_ranks_stop_when_the_stage_process_is_killed_alone(tmp_path):
+    """The OOM killer takes the flow's process, not its group: the ranks notice within seconds and stop. The ranks
+    log nothing and save nothing after the kill (a write to the dead stage's pipe would stop rank 0 by itself)."""
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.finetune_then_quantize", "--config", "smoke", "--store",
+                             str(store), "--set", "training.distributed=ddp", "--set", "training.nproc=2",
+                             "--set", "training.max_steps=5000", "--set", "training.save_steps=5000",
+                             "--set", "training.logging_steps=5000"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while sorted(worker_ranks(proc.pid)) != [0, 1]:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(15)  # into training: 5000 steps take minutes
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while survivors := training_processes(proc.pid):
+        assert time.monotonic() < deadline, f"ranks still running 30 s after the stage process died: {survivors}"
+        time.sleep(0.2)
+    for leftover in psutil.process_iter():  # Prefect's temporary server outlives a CLI killed alone; not ours
+        if _session(leftover.pid) == proc.pid:
+            leftover.kill()
+
+
+def training_processes(session: int) -> list[int]:
+    """torchrun and its ranks still alive in a run's session."""
+    alive = []
+    for process in psutil.process_iter():
+        try:
+            if _session(process.pid) == session and "tasks.finetune_worker" in " ".join(process.cmdline()):
+                alive.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 def _session(pid: int) -> int | None:
