@@ -215,9 +215,26 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "train_seconds": result.metrics["train_runtime"],
         "train_tokens": train_tokens,
         "tokens_per_second": train_tokens / result.metrics["train_runtime"],
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,  # the device's, training
-        "host_peak_bytes": peak_rss_bytes(),  # the process's resident high-water mark while training (Linux)
+        **peaks_of_ranks(on_gpu),
     }
+
+
+def peaks_of_ranks(on_gpu: bool) -> dict[str, Any]:
+    """Memory while training: `peak_memory_bytes`, the device's allocator peak (the largest over the ranks: what
+    one GPU held); `host_peak_bytes`, the resident high-water mark (Linux) summed over the ranks (what the host
+    held), with each rank's in `rank_host_peak_bytes` when there are several. A collective: every rank calls it."""
+    import torch
+    import torch.distributed as dist
+
+    mine = (torch.cuda.max_memory_allocated() if on_gpu else None, peak_rss_bytes())
+    ranks = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    hosts = [host for _, host in ranks]
+    peaks = {"peak_memory_bytes": max(device for device, _ in ranks) if on_gpu else None,
+             "host_peak_bytes": None if None in hosts else sum(hosts)}
+    return peaks | ({"rank_host_peak_bytes": hosts} if len(ranks) > 1 else {})
 
 
 def engine_arguments(training: TrainingConfig) -> dict[str, Any]:
@@ -362,7 +379,10 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
     if training.per_device_train_batch_size == "auto":  # called without preflight, which resolves it
         plan = plan_run(run.cfg, json.loads((base_dir / "config.json").read_text()), visible_device())
         training = resolve_batch(run.cfg, plan).training
+    if training.distributed != "none":  # the rank count and the engine's settings, as they will run
+        training = training.model_copy(update={"nproc": resolve_nproc(training, visible_gpus())})
     determinants = {
+        **({"engine": engine_arguments(training)} if training.distributed != "none" else {}),
         "base": {"name_or_path": model.name_or_path,
                  "files": {k: v["sha256"] for k, v in describe_files(base_dir).items()}},
         "max_length": run.cfg.data.max_length,

@@ -70,3 +70,15 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert report["merge"]["logits_max_abs_diff"] < 1e-3
     assert "not installed" in report["llmcompressor"]["skipped"]
     assert "| Trainer + peft (baseline) |" in result.stdout and "finetune_speedup" in result.stdout
+
+
+def test_distributed_benchmark_sets_one_process_beside_two_ranks():
+    result = run_script("benchmarks/distributed.py", "--config", "smoke", "--steps", "4", "--repeats", "1")
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["ranks"], r["micro_batch"]) for r in rows] == [(1, 8), (2, 4)]
+    one, two = rows
+    assert two["eval_loss_after"] == pytest.approx(one["eval_loss_after"], rel=0.01)  # bf16 where the CPU has it
+    assert two["host_peak_mib"] > one["host_peak_mib"]  # two processes' runtimes
+    table = [line for line in result.stdout.splitlines() if line.startswith("| 2 x 4 |")]
+    assert len(table) == 1 and float(table[0].split("|")[-2]) == pytest.approx(
+        two["planned_host_mib"] / two["host_peak_mib"], abs=1e-3)
