@@ -51,7 +51,8 @@ def test_ddp_and_fsdp2_on_two_ranks_train_the_adapter_one_process_trains(tmp_pat
     batch's tokens (transformers' average_tokens_across_devices), so the same training up to fp32 summation order
     (measured: adapters within 5.3e-7, values up to 0.1). The gradient norm before clipping is compared step by step:
     with clipping at 1.0 and AdamW's scale invariance, summed instead of averaged gradients (PyTorch's gloo issue
-    #162338, or accelerate skipping the DDP wrap) would leave the adapter almost unchanged but double the norm."""
+    #162338) would leave the adapter almost unchanged but double the norm; no gradient sync at all (accelerate
+    skipping the DDP wrap) changes both."""
     common = ["training.max_steps=6", "training.save_steps=3", "training.logging_steps=1"]
     single = train_stage(tmp_path / "one", *common, "training.per_device_train_batch_size=8")
     ddp = train_stage(tmp_path / "ddp", *common, "training.per_device_train_batch_size=4",
