@@ -307,8 +307,8 @@ def plan_finetune(shape: ModelShape, setup: TrainSetup, device: Device) -> Stage
         host_parts = {name: size * ranks for name, size in parts.items()} | offloaded
         parts = host_parts
         device_peak = sum(parts.values())
-    notes = {"ranks": ranks, "sharding": setup.sharding, "offload": setup.offload,
-"micro_batch": setup.batch, "tokens_per_micro_batch": tokens, "precision": "bf16" if setup.bf16 else "fp32",
+    notes = {"ranks": ranks, "sharding": setup.sharding, "offload": setup.offload, "micro_batch": setup.batch,
+             "tokens_per_micro_batch": tokens, "precision": "bf16" if setup.bf16 else "fp32",
              "fused_kernels": setup.fused, "gradient_checkpointing": setup.checkpointing,
              "activation_bytes_per_token_layer": per_layer}
     return StagePlan(device_peak, sum(host_parts.values()), parts, host_parts, notes)
