@@ -145,13 +145,13 @@ def project_finetune(base_dir: Path, data, lora, training, out_dir: Path) -> dic
 def project_quantize(merged_dir: Path, out_dir: Path, quant, calibration, windows) -> dict:
     import torch
 
-    from tasks.quantize import quantize_gptq
+    from tasks.quantize import quantize_model
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    info = quantize_gptq(merged_dir, out_dir, quant, calibration)
+    info = quantize_model(merged_dir, out_dir, quant, calibration)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if on_gpu else None
     from transformers import AutoModelForCausalLM
@@ -271,9 +271,9 @@ def table(report: dict) -> str:
              f"| {ours['losses'][-1]:.4f} |"]
     for name, row in report["quantize"].items():
         if "error" in row:
-            lines.append(f"| quantize_gptq, calibration {name} | failed: {row['error'][:80]} | | |")
+            lines.append(f"| quantize_model, calibration {name} | failed: {row['error'][:80]} | | |")
             continue
-        lines.append(f"| quantize_gptq, calibration {name} | {row['quantize_seconds']:.1f} s "
+        lines.append(f"| quantize_model, calibration {name} | {row['quantize_seconds']:.1f} s "
                      f"| {gib(row['peak_memory_bytes'])} | ppl {row['perplexity']:.2f} |")
     llmc = report["llmcompressor"]
     lines.append(f"| llm-compressor GPTQ W4A16 | {llmc['quantize_seconds']:.1f} s | {gib(llmc.get('peak_memory_bytes'))} "

@@ -5,7 +5,8 @@ project's); benchmarks/quant_quality.py builds that environment and calls this s
 
     <llmc venv>/bin/python benchmarks/llmc_gptq.py job.json result.json
 
-job.json: model_dir, group_size, calibration (token id lists), windows (token id lists), score_original (bool).
+job.json: model_dir, group_size, calibration (token id lists), windows (token id lists), score_original (bool),
+second_windows (optional: a second text's windows, scored as `second_perplexity`).
 The perplexity code is benchmarks/window_ppl.py, the same the other rows use.
 """
 
@@ -23,12 +24,13 @@ from window_ppl import window_perplexity  # noqa: E402
 def main(job_path: str, result_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     result = quantize_and_score(job["model_dir"], job["group_size"], job["calibration"], job["windows"],
-                                job.get("score_original", False))
+                                job.get("score_original", False), second_windows=job.get("second_windows"))
     Path(result_path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def quantize_and_score(model_dir: str, group_size: int, calibration: list[list[int]], windows: list[list[int]],
-                       score_original: bool = False, device: str = "cpu") -> dict:
+                       score_original: bool = False, device: str = "cpu",
+                       second_windows: list[list[int]] | None = None) -> dict:
     """llm-compressor GPTQ W4A16 (symmetric int4 groups, static act-order, its default damping) on `calibration`,
     then the quantized model's perplexity on `windows` (benchmarks/gpu.py calls this in-process where carried)."""
     import compressed_tensors
@@ -60,6 +62,8 @@ def quantize_and_score(model_dir: str, group_size: int, calibration: list[list[i
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     result["settings"] = {**weights, "dampening_frac": recipe.dampening_frac, "block_size": recipe.block_size}
     result["perplexity"] = window_perplexity(model, windows)
+    if second_windows:
+        result["second_perplexity"] = window_perplexity(model, second_windows)
     result["max_levels_per_group"] = max_levels_per_group(model, group_size)
     return result
 

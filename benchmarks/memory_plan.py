@@ -37,6 +37,8 @@ QUANTIZE_CONFIGS = [  # SmolLM2-135M (its fp32 dequantized weights as the merged
      "quantization.calibration.batch_size=8", "quantization.gptaq_alpha=null", "quantization.mse=0"],  # make run's
     ["quantization.calibration.n_samples=128", "quantization.calibration.max_length=256",
      "quantization.calibration.batch_size=4", "quantization.gptaq_alpha=0.25", "quantization.mse=0"],
+    ["quantization.method=autoround", "quantization.calibration.n_samples=128",  # AutoRound: its memory does not
+     "quantization.calibration.max_length=256", "quantization.autoround.iters=4"],  # grow with the steps
 ]
 QWEN2_15B = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -84,11 +86,11 @@ def measure(base: str, seq: int, batch: int, extra: list[str]) -> dict:
 
 
 def measure_quantize(settings: list[str]) -> dict:
-    """gptqmodel's quantize of SmolLM2-135M here (call in a fresh process): its resident peak and the plan's."""
+    """The quantize of SmolLM2-135M here (call in a fresh process): its resident peak and the plan's."""
     from pipeline.base_model import read_model_config, resolve_model_dir
     from pipeline.config import load_config
     from pipeline.memory import model_shape, peak_rss_bytes, plan_quantize, reset_peak_rss, visible_device
-    from tasks.quantize import quantize_gptq
+    from tasks.quantize import quantize_model
 
     cfg = load_config("default", settings)
     calibration = cfg.quantization.calibration
@@ -98,7 +100,7 @@ def measure_quantize(settings: list[str]) -> dict:
     plan = plan_quantize(model_shape(read_model_config(SMOLLM2)), cfg, visible_device())
     reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_gptq(merged, Path(tmp), cfg.quantization, ids)
+        quantize_model(merged, Path(tmp), cfg.quantization, ids)
     measured = peak_rss_bytes()
     return {"settings": settings, "measured_bytes": measured, "planned_bytes": plan.host_peak_bytes,
             "ratio": plan.host_peak_bytes / measured, "parts": plan.parts}

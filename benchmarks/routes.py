@@ -50,7 +50,7 @@ def gptq_base(config: str, overrides: list[str], folder: Path) -> Path:
     from pipeline.base_model import resolve_model_dir
     from pipeline.config import load_config
     from pipeline.data import read_dataset
-    from tasks.quantize import calibration_ids, calibration_sample, quantize_gptq
+    from tasks.quantize import calibration_ids, calibration_sample, quantize_model
 
     cfg = load_config(config, overrides)
     base = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
@@ -60,7 +60,7 @@ def gptq_base(config: str, overrides: list[str], folder: Path) -> Path:
     calibration = calibration_ids(sample, dataset.form, tokenizer, calib.max_length)
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
-    quantize_gptq(base, scratch, cfg.quantization, calibration)
+    quantize_model(base, scratch, cfg.quantization, calibration, cfg.data.seed)
     for name in os.listdir(base):
         if name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy2(base / name, scratch / name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -165,9 +165,30 @@ class CalibrationConfig(_Section):
                                                           "on a GPU).")
 
 
-class QuantizationConfig(_Section):
-    """GPTQ (gptqmodel) of the merged model to a standard GPTQ v1 checkpoint."""
+class AutoRoundConfig(_Section):
+    """AutoRound (auto-round): each decoder block's rounding and clipping tuned by signed gradient descent on the
+    calibration windows, then exported as the same GPTQ v1 checkpoint. Used when `method: autoround`."""
 
+    iters: int = Field(default=50, ge=0, description="Tuning steps per decoder block (AutoRound's light recipe: 50, "
+                       "its default: 200); 0 = no tuning (AutoRound's optimized round-to-nearest).")
+    lr: float | None = Field(default=5e-3, gt=0, description="Learning rate of the rounding and clipping tuning; "
+                             "null = AutoRound's own choice (1/iters).")
+    batch_size: int = Field(default=8, ge=1, description="Calibration windows per tuning step.")
+    nsamples: int | None = Field(default=None, ge=1, description="Windows tuned on; null = every window the "
+                                 "calibration rows fill.")
+    seqlen: int | None = Field(default=None, ge=8, description="Tokens per window: the calibration rows are packed "
+                               "end to end and cut to this length; null = calibration.max_length.")
+    minmax_tuning: bool = Field(default=True, description="Also tune each group's clipping range (scale), not only "
+                                "the rounding.")
+
+
+class QuantizationConfig(_Section):
+    """The merged model to a standard GPTQ v1 int4/int8 checkpoint, by GPTQ (gptqmodel) or AutoRound (auto-round)."""
+
+    method: Literal["gptq", "autoround"] = Field(
+        default="gptq", description="gptq: GPTQ's error feedback (gptqmodel, the settings below); autoround: "
+                                    "AutoRound's tuned rounding and clipping (the `autoround` section). Both write "
+                                    "the same GPTQ v1 checkpoint.")
     bits: Literal[4, 8] = Field(default=4, description="Bits per weight.")
     group_size: int = Field(default=128, description="Columns per scale; must divide every quantized layer's in_features; -1 = per channel.")
     desc_act: bool = Field(default=False, description="Activation-order columns; slower kernels. Excludes act_group_aware.")
@@ -181,6 +202,7 @@ class QuantizationConfig(_Section):
                        "(gptqmodel `mse`, e.g. 2.4); 0 = plain min/max scales.")
     gptaq_alpha: float | None = Field(default=0.25, gt=0, description="GPTAQ: also correct the error carried over "
                                       "from already-quantized layers (gptqmodel `gptaq`), this weight; null = off.")
+    autoround: AutoRoundConfig = AutoRoundConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     smoke_prompt: str = Field(default="Hello", description="Prompt generated from after reload, as a smoke check.")
 
@@ -190,6 +212,14 @@ class QuantizationConfig(_Section):
         if value != -1 and value < 1:
             raise ValueError(f"group_size must be -1 or a positive integer, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _autoround_writes_what_marlin_serves(self) -> QuantizationConfig:
+        if self.method == "autoround" and (not self.sym or self.desc_act):
+            raise ValueError(f"method autoround exports symmetric GPTQ without activation order (what vLLM's Marlin "
+                             f"kernels serve), got sym={self.sym}, desc_act={self.desc_act}: set "
+                             f"quantization.sym=true and quantization.desc_act=false, or use method gptq")
+        return self
 
 
 class EvaluateConfig(_Section):

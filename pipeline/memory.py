@@ -328,6 +328,41 @@ def merge_dtype_bytes(cfg: PipelineConfig, device: Device) -> int:
 
 
 def plan_quantize(shape: ModelShape, cfg: PipelineConfig, device: Device) -> StagePlan:
+    """The quantize stage by its method: GPTQ (gptqmodel) or AutoRound."""
+    if cfg.quantization.method == "autoround":
+        return plan_autoround(shape, cfg, device)
+    return plan_gptq(shape, cfg, device)
+
+
+def plan_autoround(shape: ModelShape, cfg: PipelineConfig, device: Device) -> StagePlan:
+    """AutoRound holds the model on the host and tunes one decoder block at a time on the device: every calibration
+    window's input to the block (and the full-precision block's output it is tuned towards), the block's weights
+    with a rounding offset and two clipping factors per weight group being tuned (fp32, with their gradients),
+    and one batch's forward and backward through the block. It tunes in bf16 where the device takes it (CUDA, and
+    CPUs: auto-round prefers bf16 there), casting an fp32 merged model once: both copies exist for that moment."""
+    calibration, tuned = cfg.quantization.calibration, cfg.quantization.autoround
+    seqlen = tuned.seqlen or calibration.max_length
+    windows = max(1, calibration.n_samples * calibration.max_length // seqlen)  # rows are at most max_length
+    windows = min(windows, tuned.nsamples or windows)
+    dtype = 2 if device.kind == "cuda" else merge_dtype_bytes(cfg, device)
+    layer_params = shape.layer_linear_params // max(shape.layers, 1)
+    # the weights in fp32, their rounding offsets and the offsets' gradients, the quantize-dequantized copy
+    tuning = layer_params * 4 * 4
+    samples = windows * seqlen * shape.hidden * 2 * 2
+    tokens = min(tuned.batch_size, windows) * seqlen
+    backward = tokens * (3 * shape.intermediate + 6 * shape.hidden) * 4 * 2
+    model_bytes = shape.params * dtype
+    if device.kind == "cuda":
+        parts = {"block_tuning": tuning, "calibration_activations": samples, "forward_backward": backward,
+                 "embeddings": shape.head_params * 2, "cuda_context": CUDA_CONTEXT}
+        host = {"runtime": HOST_RUNTIME_CUDA, "model": model_bytes}
+        return StagePlan(sum(parts.values()), sum(host.values()), parts, host)
+    parts = {"model": model_bytes, "bf16_cast": shape.params * 2 if dtype != 2 else 0, "block_tuning": tuning,
+             "calibration_activations": samples, "forward_backward": backward, "runtime": HOST_RUNTIME}
+    return _host_stage(parts, device)
+
+
+def plan_gptq(shape: ModelShape, cfg: PipelineConfig, device: Device) -> StagePlan:
     """gptqmodel holds the model on the host and quantizes one decoder layer at a time on the device: that layer's
     weights (and their quantized copy), one Hessian per Linear (in_features squared, fp32), every calibration
     sample's input to the layer and its output (and GPTAQ's unquantized inputs), one batch's forward."""

@@ -241,6 +241,12 @@ def check_data(cfg: PipelineConfig, check_template: bool = True) -> tuple[Datase
         problems.append(f"quantization.calibration.n_samples is {calibration.n_samples} but "
                         f"{'the training split' if calibration.source == 'train' else repr(calibration.source)} has "
                         f"only {available} rows; lower n_samples to at most {available} or add calibration data")
+    window = cfg.quantization.autoround.seqlen
+    if cfg.quantization.method == "autoround" and window and window > calibration.n_samples * calibration.max_length:
+        problems.append(f"quantization.autoround.seqlen is {window} tokens but the calibration holds at most "
+                        f"{calibration.n_samples * calibration.max_length} ({calibration.n_samples} rows of at most "
+                        f"{calibration.max_length} tokens): not one AutoRound window; lower autoround.seqlen or raise "
+                        "calibration.n_samples")
     return dataset, problems
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, QuantizationConfig
 from pipeline.summary import RunSummary
 
 
@@ -88,6 +88,24 @@ def model_index(name: str, scores: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": name, "results": [{"task": {"type": "text-generation"}, "metrics": figures}]}]
 
 
+def quantizer_of(quant: QuantizationConfig) -> dict[str, Any]:
+    """The model card's record of the algorithm that chose the int weights (the format is GPTQ v1 either way)."""
+    if quant.method == "autoround":
+        tuned = quant.autoround
+        return {"algorithm": "autoround", "quantizer": "auto-round", "iters": tuned.iters, "lr": tuned.lr,
+                "minmax_tuning": tuned.minmax_tuning}
+    return {"algorithm": "gptq", "quantizer": "gptqmodel", "act_group_aware": quant.act_group_aware,
+            "mse": quant.mse, "gptaq_alpha": quant.gptaq_alpha}
+
+
+def algorithm_of(quant: QuantizationConfig) -> str:
+    """The quantizer in words, for the card's first paragraph."""
+    if quant.method == "autoround":
+        return (f"AutoRound (auto-round: rounding and clipping tuned by signed gradient descent, "
+                f"{quant.autoround.iters} steps per block)")
+    return "GPTQ (gptqmodel)"
+
+
 def model_card(cfg: PipelineConfig, metrics: dict[str, Any]) -> str:
     """A Hugging Face model card: YAML metadata, then what was done and what it measured."""
     import yaml
@@ -101,16 +119,17 @@ def model_card(cfg: PipelineConfig, metrics: dict[str, Any]) -> str:
         "tags": ["gptq", f"int{quant.bits}", "lora", "finetune-then-quantize"],
         "datasets": [data.path],
         "quantization": {"method": "gptq", "bits": quant.bits, "group_size": quant.group_size, "sym": quant.sym,
-                         "desc_act": quant.desc_act, "act_group_aware": quant.act_group_aware,
-                         "checkpoint_format": "gptq", "quantizer": "gptqmodel"},
+                         "desc_act": quant.desc_act, "checkpoint_format": "gptq", **quantizer_of(quant)},
         "model-index": model_index("gptq", gptq),
     }
     notes = "".join(f"\n> {n}\n" for n in metrics["notes"])
+    calibration = ("calibration rows from the training data" if quant.calibration.source == "train"
+                   else f"calibration rows from `{quant.calibration.source}`")
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
             f"# {model.name_or_path}, LoRA fine-tuned and GPTQ int{quant.bits}\n\n"
-            f"LoRA fine-tuned on `{data.path}` in full precision, merged, then quantized with GPTQ (gptqmodel, "
-            f"int{quant.bits}, group size {quant.group_size}, {'symmetric' if quant.sym else 'asymmetric'}) on "
-            f"calibration rows from the training data. Standard GPTQ v1 checkpoint: loads with transformers "
+            f"LoRA fine-tuned on `{data.path}` in full precision, merged, then quantized by {algorithm_of(quant)} "
+            f"(int{quant.bits}, group size {quant.group_size}, {'symmetric' if quant.sym else 'asymmetric'}) on "
+            f"{calibration}. Standard GPTQ v1 checkpoint: loads with transformers "
             f"(with optimum and gptqmodel installed) and vLLM.\n\n"
             f"## Evaluation on {metrics['eval_rows']} held-out rows\n\n{metrics_table(metrics['models'])}\n\n"
             f"{serving_summary(metrics.get('serving', {}))}\n{notes}\n{SERVING_HOWTO}")

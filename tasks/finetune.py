@@ -161,14 +161,13 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     trainer.remove_callback(PrinterCallback)  # it prints each log dict to stdout; ProgressLogger logs them already
     if training.distributed == "fsdp" and not on_gpu:
         shard_on_cpu(trainer)
-    # transformers cannot evaluate a sharded (FSDP2, ZeRO) model before training: there it is measured afterwards,
-    # with the adapter switched off, which is the model before training (LoRA starts as the identity: B = 0)
-    eval_before = None if sharded else trainer.evaluate()["eval_loss"]
-    if training.distributed == "ddp":
-        # accelerate marks the model prepared when evaluate() readies it for inference, and then skips the DDP wrap
-        # for training: every rank would train on its own share with no gradient sync (accelerate 1.15; the DDP test
-        # compares the gradient norms with one process's)
-        model.__dict__.pop("_is_accelerate_prepared", None)
+    # Over several ranks the loss before training is measured after it, with the adapter switched off: the model
+    # before training (LoRA starts as the identity, B = 0). Evaluating first breaks both engines: transformers cannot
+    # evaluate a sharded (FSDP2, ZeRO) model before training, and under DDP accelerate marks the evaluated model
+    # prepared and then skips the DDP wrap, so every rank would train alone with no gradient sync (accelerate 1.15;
+    # the DDP test compares the gradient norms with one process's).
+    measured_after = training.distributed != "none"
+    eval_before = None if measured_after else trainer.evaluate()["eval_loss"]
     if sync is not None:
         restore_latest(sync.store, sync.prefix, Path(checkpoint_dir))
     resume = get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
@@ -181,7 +180,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     result = trainer.train(resume_from_checkpoint=resume)
     train_tokens = collator.tokens
     eval_after = trainer.evaluate()["eval_loss"]
-    if sharded:
+    if measured_after:
         with model.disable_adapter():
             eval_before = trainer.evaluate()["eval_loss"]
     logger.info("eval loss %.4f -> %.4f", eval_before, eval_after)

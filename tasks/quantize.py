@@ -1,7 +1,9 @@
-"""Stage 3: GPTQ-quantize the merged model with gptqmodel's own API, save standard GPTQ v1, reload and generate.
+"""Stage 3: quantize the merged model to a standard GPTQ v1 checkpoint, by GPTQ (gptqmodel's own API) or AutoRound
+(`pipeline.autoround`), then check its layout, reload it with transformers and generate.
 
 transformers' GPTQConfig path writes `gptq_v2`, and optimum's saver wrote v1 tensors under a v2 config; gptqmodel's
-`load -> quantize -> save` writes the v1 layout (`checkpoint_format: gptq`) that vLLM, TGI and transformers load.
+`load -> quantize -> save` writes the v1 layout (`checkpoint_format: gptq`) that vLLM, TGI and transformers load, and
+so does AutoRound's `auto_gptq` export.
 """
 
 from __future__ import annotations
@@ -51,15 +53,35 @@ def rectangular_batches(calibration: list[list[int]], batch_size: int) -> list[l
     return out
 
 
+def quantize_model(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[list[int]],
+                   seed: int = 0) -> dict[str, Any]:
+    """Quantize `merged_dir` on `calibration` (token ids) by `quant.method` into a GPTQ v1 checkpoint in `out_dir`,
+    ship the merged model's generation config, check the layout, reload with transformers and generate."""
+    from transformers import GenerationConfig
+
+    if quant.method == "autoround":
+        from pipeline.autoround import quantize_autoround
+
+        info = quantize_autoround(merged_dir, out_dir, quant, calibration, seed)
+    else:
+        info = quantize_gptq(merged_dir, out_dir, quant, calibration)
+    # the quantizers' saved generation_config may turn sampling on; ship the merged model's, as trained.
+    if (Path(merged_dir) / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(merged_dir).save_pretrained(out_dir)
+    layout = check_gptq_v1(Path(out_dir), quant)
+    smoke = generate_smoke(Path(out_dir), quant.smoke_prompt)
+    return {**layout, **smoke, **info}
+
+
 def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
                   calibration: list[list[int]]) -> dict[str, Any]:
-    """GPTQ-quantize `merged_dir` on `calibration` (token ids) and write a GPTQ v1 checkpoint to `out_dir`."""
+    """GPTQ-quantize `merged_dir` on `calibration` (token ids) and write a GPTQ v1 checkpoint to `out_dir`; returns
+    what the stage records about the calibration."""
     # gptqmodel 7.6.0 sizes its CPU worker pools from the core count and, on <= 2 cores, fails with "Virtual pool
     # 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1" unless this is set.
     if (os.cpu_count() or 1) <= 2:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
-    from transformers import GenerationConfig
 
     config = QuantizeConfig(
         bits=quant.bits, group_size=quant.group_size, desc_act=quant.desc_act, sym=quant.sym,
@@ -80,12 +102,7 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
     model.save(str(out_dir))
     del model
     drop_machine_paths(Path(out_dir))
-    # gptqmodel's saved generation_config may turn sampling on; ship the merged model's, as trained.
-    if (Path(merged_dir) / "generation_config.json").is_file():
-        GenerationConfig.from_pretrained(merged_dir).save_pretrained(out_dir)
-    layout = check_gptq_v1(Path(out_dir), quant)
-    smoke = generate_smoke(Path(out_dir), quant.smoke_prompt)
-    return {**layout, **smoke, "calibration_samples": len(calibration),
+    return {"algorithm": "gptq", "calibration_samples": len(calibration),
             "calibration_tokens": sum(map(len, calibration)), "calibration_tokens_given": tokens}
 
 
@@ -151,6 +168,17 @@ def _gptq_logs_into(folder: Path) -> Iterator[None]:
         loop_processor._PROJECT_LOG_DIR = previous
 
 
+GPTQ_ONLY = ("desc_act", "act_group_aware", "damp_percent", "true_sequential", "mse", "gptaq_alpha")
+
+
+def settings_in_effect(quant: QuantizationConfig) -> dict[str, Any]:
+    """The quantization settings the configured method reads: changing the other method's settings does not make a
+    new quantization (the stage key is built from these)."""
+    if quant.method == "gptq":
+        return quant.model_dump(exclude={"autoround"})
+    return quant.model_dump(exclude={**dict.fromkeys(GPTQ_ONLY, True), "calibration": {"batch_size"}})
+
+
 def quantize(run: RunContext, data: StageArtifact, merged: StageArtifact) -> StageArtifact:
     """Quantize into `<store>/<run>/quantize/`, or reuse a quantization of the same merged model with the same
     config, calibration texts and code. Calibrating on the training rows needs no read to decide reuse: the data
@@ -160,7 +188,7 @@ def quantize(run: RunContext, data: StageArtifact, merged: StageArtifact) -> Sta
     quant = run.cfg.quantization
     from_file = quant.calibration.source != "train"
     file_rows = read_calibration(quant.calibration.source, run.cfg.data) if from_file else None
-    determinants = {"quantization": quant.model_dump(), "seed": run.cfg.data.seed, "code": code_version(__name__),
+    determinants = {"quantization": settings_in_effect(quant), "seed": run.cfg.data.seed, "code": code_version(__name__),
                     "calibration": stage_key("calibration", {"rows": file_rows[1]}) if from_file else "train"}
 
     def build(out_dir: Path) -> dict[str, Any]:
@@ -173,6 +201,6 @@ def quantize(run: RunContext, data: StageArtifact, merged: StageArtifact) -> Sta
         merged_dir = local_copy(run.store, merged)
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
         ids = calibration_ids(sample, form, tokenizer, quant.calibration.max_length)
-        return quantize_gptq(merged_dir, out_dir, quant, ids)
+        return quantize_model(merged_dir, out_dir, quant, ids, run.cfg.data.seed)
 
     return run_stage(run, "quantize", determinants, build, inputs={"merged": merged, "data": data})

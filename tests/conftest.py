@@ -44,14 +44,14 @@ def tiny_gptq(tiny_base, tmp_path_factory) -> Path:
 
     from pipeline.config import load_config
     from pipeline.data import read_dataset, tokenize_example
-    from tasks.quantize import quantize_gptq
+    from tasks.quantize import quantize_model
 
     cfg = load_config("smoke")
     dataset = read_dataset(cfg.data)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     folder = tmp_path_factory.mktemp("tiny-GPTQ-Int4")
     calibration = [tokenize_example(r, dataset.form, tokenizer, 128)["input_ids"] for r in dataset.train[:32]]
-    quantize_gptq(tiny_base, folder, cfg.quantization, calibration)
+    quantize_model(tiny_base, folder, cfg.quantization, calibration)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tiny_base / name).is_file():
             shutil.copy2(tiny_base / name, folder / name)

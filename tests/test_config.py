@@ -54,6 +54,17 @@ def test_invalid_values_name_the_field_and_value(override, fragment):
     assert fragment in str(err.value)
 
 
+def test_autoround_is_refused_for_a_layout_its_gptq_export_does_not_write():
+    """AutoRound's GPTQ export is symmetric without activation order: asking for another layout is refused, naming
+    both fixes, not silently quantized to something else."""
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", ["quantization.method=autoround", "quantization.sym=false"])
+    assert "method autoround exports symmetric GPTQ without activation order" in str(err.value)
+    assert "got sym=False, desc_act=False" in str(err.value) and "or use method gptq" in str(err.value)
+    cfg = load_config("smoke", ["quantization.method=autoround", "quantization.autoround.iters=0"])
+    assert cfg.quantization.autoround.iters == 0 and cfg.quantization.autoround.lr == 5e-3
+
+
 def test_malformed_set_is_refused_with_an_example():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         apply_override({}, "no-equals-sign")

