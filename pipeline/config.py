@@ -171,8 +171,8 @@ class AutoRoundConfig(_Section):
 
     iters: int = Field(default=50, ge=0, description="Tuning steps per decoder block (AutoRound's light recipe: 50, "
                        "its default: 200); 0 = no tuning (AutoRound's optimized round-to-nearest).")
-    lr: float | None = Field(default=5e-3, gt=0, description="Learning rate of the rounding and clipping tuning; "
-                             "null = AutoRound's own choice (1/iters).")
+    lr: float | None = Field(default=None, gt=0, description="Learning rate of the rounding and clipping tuning; "
+                             "null = AutoRound's own choice, 1/iters (AutoRound's light recipe sets 5e-3).")
     batch_size: int = Field(default=8, ge=1, description="Calibration windows per tuning step.")
     nsamples: int | None = Field(default=None, ge=1, description="Windows tuned on; null = every window the "
                                  "calibration rows fill.")
@@ -186,7 +186,7 @@ class QuantizationConfig(_Section):
     """The merged model to a standard GPTQ v1 int4/int8 checkpoint, by GPTQ (gptqmodel) or AutoRound (auto-round)."""
 
     method: Literal["gptq", "autoround"] = Field(
-        default="gptq", description="gptq: GPTQ's error feedback (gptqmodel, the settings below); autoround: "
+        default="autoround", description="gptq: GPTQ's error feedback (gptqmodel, the settings below); autoround: "
                                     "AutoRound's tuned rounding and clipping (the `autoround` section). Both write "
                                     "the same GPTQ v1 checkpoint.")
     bits: Literal[4, 8] = Field(default=4, description="Bits per weight.")

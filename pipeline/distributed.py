@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CONF_DIR, TrainingConfig
+from pipeline.config import CONF_DIR, PipelineConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,14 @@ def visible_gpus() -> int:
 def resolve_nproc(training: TrainingConfig, gpus: int) -> int:
     """Ranks to start: `nproc`, or with `auto` one per visible GPU (0 where there is none)."""
     return gpus if training.nproc == "auto" else training.nproc
+
+
+def resolve_ranks(cfg: PipelineConfig, gpus: int) -> PipelineConfig:
+    """The config with `training.nproc: auto` resolved to the rank count that will run (what run.json records)."""
+    training = cfg.training
+    if training.distributed == "none" or training.nproc != "auto":
+        return cfg
+    return cfg.model_copy(update={"training": training.model_copy(update={"nproc": resolve_nproc(training, gpus)})})
 
 
 def check_distributed(training: TrainingConfig, gpus: int, cpus: int, quantized_base: bool = False,

@@ -22,7 +22,7 @@ from pipeline.base_model import (
 )
 from pipeline.config import PipelineConfig
 from pipeline.data import DataError, Dataset, read_calibration, read_dataset
-from pipeline.distributed import check_distributed, visible_gpus
+from pipeline.distributed import check_distributed, resolve_ranks
 from pipeline.errors import PreflightError
 from pipeline.gguf_base import is_gguf
 from pipeline.memory import (
@@ -43,7 +43,7 @@ GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 @dataclass(frozen=True)
 class Checked:
-    """What preflight hands the run: the config (an `auto` micro-batch resolved), the dataset it read and
+    """What preflight hands the run: the config (an `auto` micro-batch and `nproc` resolved), the dataset it read and
     validated, and the memory plan it checked (None where the base's shapes could not be planned)."""
 
     cfg: PipelineConfig
@@ -75,7 +75,9 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
         problems += check_remote_code(cfg.model.name_or_path, model_config, cfg.model.trust_remote_code)
         if not is_gguf(cfg.model.name_or_path):
             problems += check_weights_format(cfg)
-    problems += check_distributed(cfg.training, visible_gpus(), os.cpu_count() or 1,
+    device = device or visible_device()  # one look at the machine: the rank checks and the memory plan share it
+    gpus = device.count if device.kind == "cuda" else 0
+    problems += check_distributed(cfg.training, gpus, os.cpu_count() or 1,
                                   quantized_base=model_config is not None and "quantization_config" in model_config,
                                   hidden_size=(model_config or {}).get("hidden_size"))
     dataset, data_problems = check_data(cfg, check_template=model_config is not None)
@@ -84,14 +86,14 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
         problems += check_layers(model_config, cfg)
     plan = None
     if model_config is not None and not problems:  # last: it builds on the shapes checked above
-        plan, memory_problems = check_memory(cfg, model_config, device or visible_device())
+        plan, memory_problems = check_memory(cfg, model_config, device)
         problems += memory_problems
     if problems:
         raise PreflightError(problems)
     logger.info("preflight passed: base %s, data %s, store %s", cfg.model.name_or_path, cfg.data.path, cfg.store.uri)
     if plan is not None:
         logger.info("%s", render_plan(plan))
-    return Checked(resolve_batch(cfg, plan) if plan else cfg, dataset, plan)
+    return Checked(resolve_ranks(resolve_batch(cfg, plan) if plan else cfg, gpus), dataset, plan)
 
 
 def check_memory(cfg: PipelineConfig, model_config: dict, device: Device) -> tuple[MemoryPlan | None, list[str]]:

@@ -378,7 +378,7 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
     if training.per_device_train_batch_size == "auto":  # called without preflight, which resolves it
         plan = plan_run(run.cfg, json.loads((base_dir / "config.json").read_text()), visible_device())
         training = resolve_batch(run.cfg, plan).training
-    if training.distributed != "none":  # the rank count and the engine's settings, as they will run
+    if training.distributed != "none":  # called without preflight, which resolves `nproc: auto`
         training = training.model_copy(update={"nproc": resolve_nproc(training, visible_gpus())})
     determinants = {
         **({"engine": engine_arguments(training)} if training.distributed != "none" else {}),
@@ -423,6 +423,6 @@ def train_ranks(run: RunContext, base_dir: Path, data_dir: Path, training: Train
         "out_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(checkpoint_dir.resolve()),
         "metrics": str(metrics_file.resolve()),
         "trust_remote_code": run.cfg.model.trust_remote_code, "base_name": run.cfg.model.name_or_path}))
-    launch_ranks(spec, resolve_nproc(training, visible_gpus()),
+    launch_ranks(spec, training.nproc,
                  lambda saved: publish_checkpoint(store, work, Path(saved["folder"]), saved["step"]))
     return json.loads(metrics_file.read_text())

@@ -62,7 +62,7 @@ def test_autoround_is_refused_for_a_layout_its_gptq_export_does_not_write():
     assert "method autoround exports symmetric GPTQ without activation order" in str(err.value)
     assert "got sym=False, desc_act=False" in str(err.value) and "or use method gptq" in str(err.value)
     cfg = load_config("smoke", ["quantization.method=autoround", "quantization.autoround.iters=0"])
-    assert cfg.quantization.autoround.iters == 0 and cfg.quantization.autoround.lr == 5e-3
+    assert cfg.quantization.autoround.iters == 0 and cfg.quantization.autoround.lr is None
 
 
 def test_malformed_set_is_refused_with_an_example():

@@ -214,6 +214,16 @@ def test_preflight_refuses_distributed_settings_that_cannot_run(fields, gpus, ex
     assert any(expected in p for p in problems), problems
 
 
+def test_preflight_resolves_auto_ranks_into_the_config_the_run_records(tmp_path):
+    """`nproc: auto` becomes the rank count once, in preflight, for the stage key, the launch and run.json."""
+    from pipeline.memory import Device
+    from pipeline.preflight import preflight
+
+    cfg = load_config("smoke", ["training.distributed=ddp"], store=str(tmp_path / "store"))
+    four = Device("cuda", 80 * 2 ** 30, 64 * 2 ** 30, "four planned GPUs", 4, True, False)
+    assert cfg.training.nproc == "auto" and preflight(cfg, device=four).cfg.training.nproc == 4
+
+
 def test_a_gptq_base_trains_with_ddp_only():
     problems = check_distributed(training(distributed="fsdp", nproc=2), gpus=2, cpus=2, quantized_base=True)
     assert any("packed int4 weights cannot be sharded; use training.distributed=ddp" in p for p in problems)
