@@ -204,12 +204,14 @@ def run(folder: Path, args) -> dict:
         report["merge"]["seconds"] = time.perf_counter() - start
         group = 128 if args.shape != "tiny" else 32
         report["quantize"] = {}
-        # the project's defaults (mse clipping search + GPTAQ) at each calibration batch size, and the largest batch
-        # without them: what the quality features cost in time
-        settings = [(f"batch {b}", {"calibration": CalibrationConfig(batch_size=b)}) for b in args.quantize_batch_sizes]
-        settings.append((f"batch {max(args.quantize_batch_sizes)}, no mse/GPTAQ",
-                         {"calibration": CalibrationConfig(batch_size=max(args.quantize_batch_sizes)), "mse": 0.0,
-                          "gptaq_alpha": None}))
+        # GPTQ with the project's GPTQ settings (mse clipping search + GPTAQ) at each calibration batch size, the
+        # largest batch without them (what the quality features cost in time), then the stage's default, AutoRound
+        settings = [(f"GPTQ, batch {b}", {"method": "gptq", "calibration": CalibrationConfig(batch_size=b)})
+                    for b in args.quantize_batch_sizes]
+        settings.append((f"GPTQ, batch {max(args.quantize_batch_sizes)}, no mse/GPTAQ",
+                         {"method": "gptq", "calibration": CalibrationConfig(batch_size=max(args.quantize_batch_sizes)),
+                          "mse": 0.0, "gptaq_alpha": None}))
+        settings.append(("AutoRound (the stage's default)", {"method": "autoround"}))
         for name, fields in settings:  # one failing setting must not cost the device run
             quant = QuantizationConfig(group_size=group, **fields)
             out = work / "gptq"
@@ -271,9 +273,9 @@ def table(report: dict) -> str:
              f"| {ours['losses'][-1]:.4f} |"]
     for name, row in report["quantize"].items():
         if "error" in row:
-            lines.append(f"| quantize_model, calibration {name} | failed: {row['error'][:80]} | | |")
+            lines.append(f"| quantize_model, {name} | failed: {row['error'][:80]} | | |")
             continue
-        lines.append(f"| quantize_model, calibration {name} | {row['quantize_seconds']:.1f} s "
+        lines.append(f"| quantize_model, {name} | {row['quantize_seconds']:.1f} s "
                      f"| {gib(row['peak_memory_bytes'])} | ppl {row['perplexity']:.2f} |")
     llmc = report["llmcompressor"]
     lines.append(f"| llm-compressor GPTQ W4A16 | {llmc['quantize_seconds']:.1f} s | {gib(llmc.get('peak_memory_bytes'))} "

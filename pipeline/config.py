@@ -156,13 +156,13 @@ class MergeConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    """The texts GPTQ calibrates on."""
+    """The texts the quantizer calibrates on (GPTQ's samples; AutoRound packs them into windows)."""
 
     source: str = Field(default="train", description="`train` (the training data, rendered as in training) or a file/dataset id.")
     n_samples: int = Field(default=128, ge=1, description="Calibration rows, a seeded sample of the source.")
     max_length: int = Field(default=512, ge=8, description="Tokens per calibration sample.")
-    batch_size: int = Field(default=4, ge=1, description="Calibration samples per forward pass (larger is faster "
-                                                          "on a GPU).")
+    batch_size: int = Field(default=4, ge=1, description="GPTQ: calibration samples per forward pass (larger is "
+                                                          "faster on a GPU); AutoRound's is autoround.batch_size.")
 
 
 class AutoRoundConfig(_Section):
@@ -191,16 +191,16 @@ class QuantizationConfig(_Section):
                                     "the same GPTQ v1 checkpoint.")
     bits: Literal[4, 8] = Field(default=4, description="Bits per weight.")
     group_size: int = Field(default=128, description="Columns per scale; must divide every quantized layer's in_features; -1 = per channel.")
-    desc_act: bool = Field(default=False, description="Activation-order columns; slower kernels. Excludes act_group_aware.")
-    act_group_aware: bool = Field(default=True, description="Order groups by activation (gptqmodel); cheap, better quality.")
+    desc_act: bool = Field(default=False, description="GPTQ: activation-order columns; slower kernels. Excludes act_group_aware.")
+    act_group_aware: bool = Field(default=True, description="GPTQ: order groups by activation (gptqmodel); cheap, better quality.")
     sym: bool = Field(default=True, description="Symmetric scales (no zero point): what vLLM's Marlin kernels take.")
-    damp_percent: float = Field(default=0.05, gt=0, lt=1, description="Dampening added to the Hessian's diagonal, "
+    damp_percent: float = Field(default=0.05, gt=0, lt=1, description="GPTQ: dampening added to the Hessian's diagonal, "
                                 "as a share of its mean.")
-    true_sequential: bool = Field(default=True, description="Quantize a block's layers one after another, each on "
+    true_sequential: bool = Field(default=True, description="GPTQ: quantize a block's layers one after another, each on "
                                   "the inputs the already-quantized ones produce.")
-    mse: float = Field(default=2.4, ge=0, description="Clipping search for each group's scale by this error norm "
+    mse: float = Field(default=2.4, ge=0, description="GPTQ: clipping search for each group's scale by this error norm "
                        "(gptqmodel `mse`, e.g. 2.4); 0 = plain min/max scales.")
-    gptaq_alpha: float | None = Field(default=0.25, gt=0, description="GPTAQ: also correct the error carried over "
+    gptaq_alpha: float | None = Field(default=0.25, gt=0, description="GPTQ: with GPTAQ, also correct the error carried over "
                                       "from already-quantized layers (gptqmodel `gptaq`), this weight; null = off.")
     autoround: AutoRoundConfig = AutoRoundConfig()
     calibration: CalibrationConfig = CalibrationConfig()

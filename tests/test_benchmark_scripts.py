@@ -25,27 +25,58 @@ def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_quant_quality_compares_every_row_on_the_same_windows(tmp_path):
     out = tmp_path / "quant_quality.json"
     result = run_script("benchmarks/quant_quality.py", "--model", "builtin:tiny-qwen2", "--windows", "4",
-                        "--calibration", "8", "--length", "64", "--variant", "damp01:damp_percent=0.01",
-                        "--llmc-score-original", "--out", str(out))
+                        "--calibration", "8", "--length", "64", "--variant", "damp01:method=gptq,damp_percent=0.01",
+                        "--variant", "again:method=autoround", "--llmc-score-original", "--out", str(out))
     summary = json.loads(out.read_text())
     rows = summary["rows"]
-    assert list(rows) == ["original", "RTN int4 sym g64", "gptqmodel plain GPTQ g64", "pipeline default",
-                          "damp01", "llm-compressor GPTQ W4A16 g64"]
-    assert summary["windows"] == 4 and summary["window_tokens"] == 64
-    assert all(math.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in rows.values())
+    assert list(rows) == ["original", "RTN int4 sym g64", "gptqmodel plain GPTQ g64",
+                          "GPTQ (the stage's GPTQ settings)", "pipeline default", "AutoRound light (50 steps, lr 5e-3)",
+                          "AutoRound default (200 steps, lr 1/steps)", "damp01", "again",
+                          "llm-compressor GPTQ W4A16 g64"]
+    assert summary["windows"] == 4 and summary["window_tokens"] == 64 and summary["second_windows"] == 4
+    for row in rows.values():  # both texts scored for every row
+        assert all(math.isfinite(row[k]) and row[k] > 1 for k in ("perplexity", "perplexity_second")), row
     # the rows differ from the original: each really quantized
     assert all(row["perplexity"] != rows["original"]["perplexity"] for name, row in rows.items() if name != "original")
-    assert rows["pipeline default"]["checkpoint_format"] == "gptq"
-    default = rows["pipeline default"]["settings"]
-    assert default["act_group_aware"] is True and default["mse"] == 2.4 and default["gptaq_alpha"] == 0.25
+    default = rows["pipeline default"]
+    assert default["algorithm"] == "autoround" and default["checkpoint_format"] == "gptq"
+    assert default["settings"]["autoround"] == {"iters": 50, "lr": None, "batch_size": 8, "nsamples": None,
+                                                "seqlen": None, "minmax_tuning": True}
+    light, full = rows["AutoRound light (50 steps, lr 5e-3)"], rows["AutoRound default (200 steps, lr 1/steps)"]
+    assert light["settings"]["autoround"]["lr"] == 5e-3 and full["settings"]["autoround"]["iters"] == 200
+    assert light["perplexity"] != default["perplexity"]  # a different learning rate: a different model
+    gptq = rows["GPTQ (the stage's GPTQ settings)"]
+    assert gptq["algorithm"] == "gptq" and gptq["settings"]["act_group_aware"] is True
+    assert gptq["settings"]["mse"] == 2.4 and gptq["settings"]["gptaq_alpha"] == 0.25
     plain = rows["gptqmodel plain GPTQ g64"]["settings"]
     assert not plain["act_group_aware"] and plain["mse"] == 0 and plain["gptaq_alpha"] is None
     assert rows["damp01"]["settings"]["damp_percent"] == 0.01 and rows["damp01"]["settings"]["mse"] == 2.4
+    # a row with the settings of an earlier one is not quantized again: it carries that row's figures
+    assert rows["again"]["same_as"] == "pipeline default" and rows["again"]["perplexity"] == default["perplexity"]
+    assert all(row["quantize_cpu_seconds"] > 0 for name, row in rows.items() if "quantize_seconds" in row
+               and "llm-compressor" not in name)
     llmc = rows["llm-compressor GPTQ W4A16 g64"]
     # llm-compressor's own environment (transformers 5.17) scores the unquantized model exactly as this one does
     assert math.isclose(llmc["original_perplexity"], rows["original"]["perplexity"], rel_tol=1e-5)
     assert llmc["versions"]["llmcompressor"] == "0.14.0" and llmc["max_levels_per_group"] <= 16
     assert "| pipeline default |" in result.stdout and "| llm-compressor GPTQ W4A16 g64 |" in result.stdout
+    assert "Moby-Dick perplexity" in result.stdout
+
+
+def test_autoround_options_screen_scores_each_option_once(tmp_path):
+    out = tmp_path / "options.json"
+    args = ("benchmarks/autoround_options.py", "--model", "builtin:tiny-qwen2", "--windows", "2", "--calibration", "4",
+            "--length", "32", "--eval-length", "64", "--out", str(out))
+    first = run_script(*args, "light", "lr-auto")
+    results = json.loads(out.read_text())
+    assert list(results) == ["original", "light", "lr-auto"]
+    assert results["light"]["settings"] == {"iters": 50, "lr": 5e-3} and results["lr-auto"]["settings"] == {"iters": 50}
+    for row in results.values():
+        assert all(math.isfinite(row[text]) and row[text] > 1 for text in ("speeches", "moby"))
+    assert results["light"]["speeches"] != results["lr-auto"]["speeches"]  # another rate, another model
+    assert "| light |" in first.stdout and "| lr-auto |" in first.stdout
+    again = run_script(*args, "light")  # already in the JSON: not run again, the same figures printed
+    assert json.loads(out.read_text()) == results and "| light |" in again.stdout
 
 
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape(tmp_path):
@@ -64,7 +95,8 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert ours["train_tokens"] == base["train_tokens"] > 4 * 3 * 10
     assert len(ours["losses"]) == len(base["losses"]) == 4
     assert report["ratios"]["max_step_loss_rel_diff"] < 1e-5
-    assert set(report["quantize"]) == {"batch 4", "batch 8", "batch 8, no mse/GPTAQ"}
+    assert set(report["quantize"]) == {"GPTQ, batch 4", "GPTQ, batch 8", "GPTQ, batch 8, no mse/GPTAQ",
+                                       "AutoRound (the stage's default)"}
     for row in report["quantize"].values():
         assert row["checkpoint_format"] == "gptq" and row["smoke_new_tokens"] > 0 and math.isfinite(row["perplexity"])
     assert report["merge"]["logits_max_abs_diff"] < 1e-3
