@@ -3,7 +3,7 @@ and AutoRound settings), and llm-compressor's GPTQ as an outside reference: one 
 per text and one calibration set for every row.
 
     .venv/bin/python benchmarks/quant_quality.py                       # SmolLM2-135M-Instruct, ~90 min on 2 cores
-    .venv/bin/python benchmarks/quant_quality.py --variant "damp01:damp_percent=0.01" --no-llmcompressor
+    .venv/bin/python benchmarks/quant_quality.py --variant "damp01:method=gptq,damp_percent=0.01" --no-llmcompressor
     .venv/bin/python benchmarks/quant_quality.py --variant "ar100:method=autoround,autoround.iters=100"
     .venv/bin/python benchmarks/quant_quality.py --model builtin:tiny-qwen2 --windows 4 --calibration 8 --length 64
 
@@ -220,7 +220,7 @@ def main() -> int:
         rtn_quantize_(model, 4, args.group_size, sym=True)
         rows[f"RTN int4 sym g{args.group_size}"] = score(model, texts)
     del model
-    plain = {"act_group_aware": "false", "mse": "0", "gptaq_alpha": "null"}  # gptqmodel's textbook GPTQ
+    plain = {"method": "gptq", "act_group_aware": "false", "mse": "0", "gptaq_alpha": "null"}  # textbook GPTQ
     runs = [(f"gptqmodel plain GPTQ g{args.group_size}", plain)] if "gptq-plain" in baselines else []
     named = {"gptq": ("GPTQ (the stage's GPTQ settings)", {"method": "gptq"}),
              "autoround-light": ("AutoRound light (50 steps, lr 5e-3)",
@@ -235,13 +235,15 @@ def main() -> int:
     import auto_round  # noqa: F401  (both quantizers imported before any row: no row pays an import)
     import gptqmodel  # noqa: F401
 
+    from tasks.quantize import settings_in_effect  # what the stage key holds: the settings the method reads
+
     done: dict[str, str] = {}  # settings -> the row that ran them (both quantizers are deterministic here)
     for name, overrides in runs:
         text = overrides.pop("text", args.calibration_text)
         count, length = int(overrides.pop("n", args.calibration)), int(overrides.pop("length", args.length))
         calibration = [ids[:length] for ids in calibration_for(text)[:count]]
         quant = quantization_config(args.group_size, args.batch_size, length, overrides)
-        same = json.dumps([quant.model_dump(), text, count, length])
+        same = json.dumps([settings_in_effect(quant), text, count, length])
         if same in done:
             logger.info("row %r: the same settings and calibration as row %r, not run again", name, done[same])
             rows[name] = {**rows[done[same]], "same_as": done[same]}

@@ -26,7 +26,7 @@ def test_quant_quality_compares_every_row_on_the_same_windows(tmp_path):
     out = tmp_path / "quant_quality.json"
     result = run_script("benchmarks/quant_quality.py", "--model", "builtin:tiny-qwen2", "--windows", "4",
                         "--calibration", "8", "--length", "64", "--variant", "damp01:method=gptq,damp_percent=0.01",
-                        "--variant", "again:method=autoround", "--llmc-score-original", "--out", str(out))
+                        "--variant", "again:method=autoround,mse=0", "--llmc-score-original", "--out", str(out))
     summary = json.loads(out.read_text())
     rows = summary["rows"]
     assert list(rows) == ["original", "RTN int4 sym g64", "gptqmodel plain GPTQ g64",
@@ -48,10 +48,11 @@ def test_quant_quality_compares_every_row_on_the_same_windows(tmp_path):
     gptq = rows["GPTQ (the stage's GPTQ settings)"]
     assert gptq["algorithm"] == "gptq" and gptq["settings"]["act_group_aware"] is True
     assert gptq["settings"]["mse"] == 2.4 and gptq["settings"]["gptaq_alpha"] == 0.25
+    assert rows["gptqmodel plain GPTQ g64"]["algorithm"] == "gptq"
     plain = rows["gptqmodel plain GPTQ g64"]["settings"]
     assert not plain["act_group_aware"] and plain["mse"] == 0 and plain["gptaq_alpha"] is None
     assert rows["damp01"]["settings"]["damp_percent"] == 0.01 and rows["damp01"]["settings"]["mse"] == 2.4
-    # a row with the settings of an earlier one is not quantized again: it carries that row's figures
+    # a row with the settings of an earlier one (GPTQ's mse is not AutoRound's) is not quantized again
     assert rows["again"]["same_as"] == "pipeline default" and rows["again"]["perplexity"] == default["perplexity"]
     assert all(row["quantize_cpu_seconds"] > 0 for name, row in rows.items() if "quantize_seconds" in row
                and "llm-compressor" not in name)
