@@ -48,7 +48,7 @@ LLMC_REQUIREMENTS = ["torch==2.13.0", "llmcompressor==0.14.0"]  # torch first: a
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     name, _, assignments = spec.partition(":")
     if not name or not assignments:
-        raise SystemExit(f"--variant {spec!r}: write NAME:key=value[,key=value], e.g. damp01:damp_percent=0.01")
+        raise SystemExit(f"--variant {spec!r}: write NAME:key=value[,key=value], e.g. damp01:method=gptq,damp_percent=0.01")
     pairs = dict(item.split("=", 1) for item in assignments.split(",") if "=" in item)
     return name, pairs
 
