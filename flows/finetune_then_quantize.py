@@ -33,6 +33,7 @@ from pipeline.data import Dataset
 from pipeline.errors import BadInputError
 from pipeline.gate import QualityGateError, check_gate
 from pipeline.memory import MemoryPlan
+from pipeline.policy import Policy, check_config, check_request, deployment_policy
 from pipeline.preflight import Checked, preflight
 from pipeline.report import run_report
 from pipeline.run import RunContext, open_run
@@ -113,8 +114,27 @@ def finetune_then_quantize(
             evaluate).
     """
     show_pipeline_logs()
-    checked = preflight(load_config(config, overrides or [], run_name=run_name, store=store))
+    policy = triggered_run_policy()
+    if policy is not None:  # before the config is read: a refused trigger reads and writes nothing
+        check_request(policy, config, overrides or [], force or [])
+    cfg = load_config(config, overrides or [], run_name=run_name, store=store)
+    if policy is not None:
+        check_config(policy, cfg, config)
+    checked = preflight(cfg)
     return run_pipeline(open_run(checked.cfg, force or []), checked.dataset, checked.plan)
+
+
+def triggered_run_policy() -> Policy | None:
+    """The policy of the deployment this flow run was triggered from (prefect.yaml on this worker), or None when the
+    flow is called directly (the command line, a test): then nothing is checked beyond the config itself."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return None
+    policy = deployment_policy(deployment.name)
+    logger.info("deployment %s: the run's parameters are checked against the policy in %s", deployment.name,
+                policy.source)
+    return policy
 
 
 def run_pipeline(run: RunContext, dataset: Dataset, plan: MemoryPlan | None = None) -> str:

@@ -3,7 +3,9 @@
     python -m flows.serve [--name nightly] [--cron "0 2 * * *"] [--config default] [--set key=value]...
 
 The deployment's parameters (config name, overrides, run name, store, force) show as a form in the Prefect UI,
-so a run can be triggered there with a chosen config; the cron schedule runs it unattended.
+so a run can be triggered there with a chosen config; the cron schedule runs it unattended. A triggered run may
+change only what the `policy:` of the same-named deployment in prefect.yaml allows (the closed default for a name
+not there; docs/operations.md, "Who may run what").
 """
 
 from __future__ import annotations

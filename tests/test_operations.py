@@ -1,11 +1,13 @@
-"""Operations for real on 127.0.0.1: a Prefect server on PostgreSQL, a process worker on the `gpu` pool, `prefect
-deploy` from prefect.yaml, its nightly schedule, a run triggered with the UI's parameters, the report artifact on the
-flow run page in headless Chromium, and the `gpu` tag concurrency limit keeping two runs' stages apart.
+"""Operations for real on 127.0.0.1: a Prefect server on PostgreSQL with its API auth on, a process worker on the
+`gpu` pool (docker/process-pool-template.json), `prefect deploy` from prefect.yaml, its nightly schedule, a run
+triggered with the UI's parameters, the report artifact on the flow run page in headless Chromium, the `gpu` tag
+concurrency limit keeping two runs' stages apart, and the deployment policy refusing triggers it does not allow.
 
 PostgreSQL and Chromium come from Debian's packages (`make system-deps`, run by .ci/run). Without the PostgreSQL
 server binaries the server falls back to SQLite (said in a warning); without Chromium the browser test skips.
 """
 
+import base64
 import glob
 import itertools
 import json
@@ -15,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -35,6 +38,7 @@ OUTPUTS = ROOT / "test-outputs" / "operations"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # The smoke config cut shorter still: these tests are about orchestration, the pipeline's own tests are elsewhere.
 FAST = ["training.max_steps=4", "merge.check_samples=1", "quantization.calibration.n_samples=8"]
+AUTH = "ftq-operator:ops-test-password"  # the server's API auth (PREFECT_SERVER_API_AUTH_STRING) and its clients'
 
 
 def postgres_bin_dir() -> Path | None:
@@ -116,12 +120,12 @@ def stack(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_API_AUTH_STRING": AUTH}
     with postgres_cluster() as db_url:
         if db_url is None:
             warnings.warn("PostgreSQL server binaries not found (Debian package postgresql; `make system-deps`): "
                           "the Prefect server in tests/test_operations.py runs on SQLite", stacklevel=2)
-        server_env = {**env, "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        server_env = {**env, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_AUTH_STRING": AUTH,
                       "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
                       "PREFECT_API_DATABASE_CONNECTION_URL": db_url or f"sqlite+aiosqlite:///{home}/prefect.db"}
         server_log, worker_log = home / "server.log", home / "worker.log"
@@ -132,7 +136,8 @@ def stack(tmp_path_factory):
         worker = None
         try:
             wait_healthy(url, server, server_log)
-            prefect_cli("work-pool", "create", "gpu", "--type", "process", env=env)
+            prefect_cli("work-pool", "create", "gpu", "--type", "process", "--base-job-template",
+                        str(ROOT / "docker" / "process-pool-template.json"), env=env)
             prefect_cli("concurrency-limit", "create", GPU_TAG, "1", env=env)
             deployed = prefect_cli("--no-prompt", "deploy", "--all", env=env, timeout=300)
             with open(worker_log, "w") as log:
@@ -150,9 +155,10 @@ def stack(tmp_path_factory):
 @contextmanager
 def api(stack) -> Iterator:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: stack["url"]}), get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: stack["url"], PREFECT_API_AUTH_STRING: AUTH}), \
+            get_client(sync_client=True) as client:
         yield client
 
 
@@ -225,9 +231,18 @@ def test_deploy_from_prefect_yaml_gives_a_nightly_schedule_with_defaults_on_the_
 
 
 @pytest.fixture(scope="module")
-def ui_run(stack, tmp_path_factory):
-    """One run of the nightly deployment triggered with the UI's parameters: the smoke config in a temp store."""
-    store = tmp_path_factory.mktemp("ops-store")
+def store():
+    """A folder in the checkout's store, ./artifacts (a store prefect.yaml's nightly policy allows); removed after."""
+    artifacts = ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="ops-", dir=artifacts))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ui_run(stack, store):
+    """One run of the nightly deployment triggered with the UI's parameters: the smoke config in the store."""
     parameters = {"config": "smoke", "overrides": FAST, "run_name": "from-ui", "store": str(store)}
     with api(stack) as client:
         run = run_as_the_ui_does(client, parameters)
@@ -314,6 +329,9 @@ def test_flow_run_page_in_the_ui_shows_the_report_artifact(stack, ui_run, tmp_pa
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     with chromium(tmp_path / "chromium-profile") as browser:
         wait = WebDriverWait(browser, 60)
+        browser.get(stack["ui"])  # the UI's login form keeps the credentials here
+        browser.execute_script("localStorage.setItem('prefect-password', arguments[0])",
+                               base64.b64encode(AUTH.encode()).decode())
         browser.get(f"{stack['ui']}/runs/flow-run/{run.id}")
         wait.until(shown.text_to_be_present_in_element((By.TAG_NAME, "body"), run.name))  # this run's page
         wait.until(shown.element_to_be_clickable((By.CSS_SELECTOR, "li.p-tab#artifacts"))).click()
@@ -331,12 +349,12 @@ def test_flow_run_page_in_the_ui_shows_the_report_artifact(stack, ui_run, tmp_pa
     assert (OUTPUTS / "flow-run-artifacts.png").stat().st_size > 10_000
 
 
-def test_gpu_tag_limit_keeps_two_simultaneous_runs_off_the_gpu_at_the_same_time(stack, tmp_path):
+def test_gpu_tag_limit_keeps_two_simultaneous_runs_off_the_gpu_at_the_same_time(stack, store):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with api(stack) as client:
         triggered = [run_as_the_ui_does(client, {"config": "smoke", "overrides": FAST, "run_name": name,
-                                                 "store": str(tmp_path)}) for name in ("gpu-a", "gpu-b")]
+                                                 "store": str(store)}) for name in ("gpu-a", "gpu-b")]
         runs = wait_final(client, [run.id for run in triggered], stack, seconds=600)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])))
         limit = client.read_concurrency_limit_by_tag(GPU_TAG)
@@ -351,4 +369,79 @@ def test_gpu_tag_limit_keeps_two_simultaneous_runs_off_the_gpu_at_the_same_time(
         assert earlier.end_time <= later.start_time, f"{earlier.name} and {later.name} ran at once"
     assert limit.active_slots == []
     for name in ("gpu-a", "gpu-b"):
-        assert json.loads((tmp_path / name / "run.json").read_text())["status"] == "completed"
+        assert json.loads((store / name / "run.json").read_text())["status"] == "completed"
+
+
+def test_the_api_refuses_calls_without_the_credentials_and_the_worker_with_them_runs(stack, ui_run):
+    def status(path: str, auth: str | None, body: bytes | None = None) -> int:
+        request = urllib.request.Request(f"{stack['url']}{path}", data=body, method="POST" if body else "GET",
+                                         headers={"Content-Type": "application/json"})
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status("/deployments/filter", None, b"{}") == 401
+    assert status("/deployments/filter", "ftq-operator:wrong", b"{}") == 401
+    assert status("/flow_runs/filter", None, b"{}") == 401
+    assert status("/deployments/filter", AUTH, b"{}") == 200
+    assert status("/health", None) == 200  # probes stay open
+    assert ui_run["run"].state.is_completed()  # the worker, with the credentials, ran the deployment
+
+
+def test_a_trigger_cannot_replace_the_command_or_environment_through_job_variables(stack, tmp_path):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    marker = tmp_path / "ran"
+    with api(stack) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        for variables in ({"command": f"touch {marker}"}, {"env": {"FTQ_ANYTHING": "1"}}, {"working_dir": "/"}):
+            with pytest.raises(PrefectHTTPStatusError) as refused:
+                client.create_flow_run_from_deployment(deployment.id, parameters={"config": "smoke"},
+                                                       job_variables=variables)
+            assert refused.value.response.status_code == 422
+            assert "Additional properties are not allowed" in refused.value.response.text
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def refused_runs(stack, tmp_path_factory):
+    """Three triggers the nightly policy refuses, run at once; `outside` is the store one of them names."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    outside = tmp_path_factory.mktemp("outside-store")
+    triggers = {
+        "remote-code": {"overrides": ["model.trust_remote_code=true"]},
+        "passwd": {"overrides": ["data.path=/etc/passwd"]},
+        "outside-store": {"store": str(outside)},
+    }
+    with api(stack) as client:
+        runs = {name: run_as_the_ui_does(client, {"config": "smoke", "run_name": name, **parameters})
+                for name, parameters in triggers.items()}
+        final = wait_final(client, [run.id for run in runs.values()], stack, seconds=300)
+        logs = {run.id: client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+                for run in final}
+    return {"runs": dict(zip(runs, final, strict=True)), "outside": outside, "logs": logs}
+
+
+def test_the_deployment_policy_refuses_triggers_before_reading_or_writing_anything(refused_runs, store):
+    runs = refused_runs["runs"]
+    expected = {
+        "remote-code": "override 'model.trust_remote_code': not a key a triggered run may set",
+        "passwd": "data.path='/etc/passwd' lies outside the allowed roots (data, /data)",
+        "outside-store": f"store {str(refused_runs['outside'])!r} is not an allowed store",
+    }
+    for name, run in runs.items():
+        assert run.state.is_failed(), f"{name}: {run.state.name}"
+        message = run.state.message
+        assert "PolicyError" in message and expected[name] in message, message
+        assert f"{ROOT / 'prefect.yaml'}, deployment 'nightly'" in message
+        assert "root:" not in message  # /etc/passwd was never opened
+        logged = "\n".join(log.message for log in refused_runs["logs"][run.id])
+        assert "deployment nightly: the run's parameters are checked against the policy in" in logged
+        assert "preflight passed" not in logged and "root:x:" not in logged  # refused before preflight read anything
+        assert not (store / name).exists()
+    assert list(refused_runs["outside"].iterdir()) == []
