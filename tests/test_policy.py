@@ -1,6 +1,8 @@
 """The deployment policy (pipeline/policy.py): what a run triggered from a deployment may change, checked before
 anything is read or written. The same checks against the real server, worker and deployment: tests/test_operations.py."""
 
+import json
+
 import pytest
 import yaml
 
@@ -144,3 +146,62 @@ def test_a_policy_file_named_in_prefect_yaml_and_a_bad_one(tmp_path):
     assert deployment_policy("inline", tmp_path / "prefect.yaml").rules.force
     with pytest.raises(PolicyError, match=r"bad.yaml.* is not valid: overides: Extra inputs are not permitted"):
         deployment_policy("bad", tmp_path / "prefect.yaml")
+
+
+def test_the_compose_stack_needs_its_secrets_and_turns_the_api_auth_on():
+    """docker/compose.yaml as an operator gets it: no built-in passwords, the API's auth on for server and clients,
+    ports on localhost unless opened, the pool created with the narrowed job template."""
+    text = (ROOT / "docker" / "compose.yaml").read_text()
+    for secret in ("POSTGRES_PASSWORD", "FTQ_PREFECT_AUTH", "FTQ_S3_ACCESS_KEY", "FTQ_S3_SECRET_KEY"):
+        assert f"${{{secret}:-" not in text and f"${{{secret}:?" in text, secret
+    stack = yaml.safe_load(text)
+    server = stack["services"]["prefect-server"]
+    assert server["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith("${FTQ_PREFECT_AUTH:?")
+    assert stack["x-ftq-image"]["environment"]["PREFECT_API_AUTH_STRING"].startswith("${FTQ_PREFECT_AUTH:?")
+    assert server["ports"] == ["${FTQ_PUBLISH_HOST:-127.0.0.1}:4200:4200"]
+    assert "--base-job-template docker/process-pool-template.json" in stack["services"]["setup"]["command"][-1]
+
+
+def job_template(name: str) -> dict:
+    return json.loads((ROOT / "docker" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["process-pool-template.json", "k8s-gpu-job-template.json"])
+def test_the_job_templates_refuse_job_variables_that_replace_command_image_or_environment(name):
+    """What the server checks a flow run's job variables against (the UI's Custom run, `--job-variable`)."""
+    from prefect.utilities.schema_tools import ValidationError as JobVariablesRefused
+    from prefect.utilities.schema_tools import validate
+
+    schema = job_template(name)["variables"]
+    for variables in ({"command": "sh -c id"}, {"env": {"PREFECT_API_URL": "http://elsewhere"}}, {"image": "evil"},
+                      {"working_dir": "/"}, {"namespace": "kube-system"}, {"service_account_name": "admin"}):
+        with pytest.raises(JobVariablesRefused, match="Additional properties are not allowed"):
+            validate(variables, schema, raise_on_error=True, preprocess=True, ignore_required=True)
+    allowed = {"gpu_count": 2, "shm_size": "16Gi"} if name.startswith("k8s") else {"stream_output": False}
+    validate(allowed, schema, raise_on_error=True, preprocess=True, ignore_required=True)
+
+
+def test_the_kubernetes_job_reads_the_credentials_from_the_secret_not_the_workers_copy():
+    """The Job prefect-kubernetes renders for a flow run, as its worker does, on a worker holding the credentials."""
+    import asyncio
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    with temporary_settings({PREFECT_API_URL: "http://prefect:4200/api", PREFECT_API_AUTH_STRING: "ops:s3cret"}):
+        job = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+            job_template("k8s-gpu-job-template.json"), {"gpu_count": 2}))
+        job.prepare_for_flow_run(flow_run=FlowRun(id=uuid.uuid4(), flow_id=uuid.uuid4(), name="nightly-run"))
+    manifest = job.job_manifest
+    [container] = manifest["spec"]["template"]["spec"]["containers"]
+    assert "s3cret" not in json.dumps(manifest)  # the worker's copy of the password is not in the Job's spec
+    [auth] = [e for e in container["env"] if e["name"] == "PREFECT_API_AUTH_STRING"]
+    assert auth == {"name": "PREFECT_API_AUTH_STRING",
+                    "valueFrom": {"secretKeyRef": {"name": "ftq-prefect-auth", "key": "auth-string"}}}
+    assert {"name": "PREFECT_API_URL", "value": "http://prefect:4200/api"} in container["env"]
+    assert container["envFrom"] == [{"secretRef": {"name": "ftq-store", "optional": True}}]
+    assert container["args"] == ["prefect", "flow-run", "execute"]  # the worker's own command
+    assert (container["image"], manifest["metadata"]["namespace"]) == ("ftq-gpu-worker:0.1.0", "default")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
