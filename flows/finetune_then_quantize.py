@@ -131,10 +131,7 @@ def triggered_run_policy() -> Policy | None:
 
     if deployment.id is None:
         return None
-    policy = deployment_policy(deployment.name)
-    logger.info("deployment %s: the run's parameters are checked against the policy in %s", deployment.name,
-                policy.source)
-    return policy
+    return deployment_policy(deployment.name)
 
 
 def run_pipeline(run: RunContext, dataset: Dataset, plan: MemoryPlan | None = None) -> str:

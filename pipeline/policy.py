@@ -82,6 +82,12 @@ class Policy:
 
 def deployment_policy(deployment: str, prefect_yaml: Path = PREFECT_YAML) -> Policy:
     """The policy of deployment `deployment` from the worker's prefect.yaml; the closed default if it has none."""
+    policy = _read_policy(deployment, prefect_yaml)
+    logger.info("deployment %s: the run's parameters are checked against the policy in %s", deployment, policy.source)
+    return policy
+
+
+def _read_policy(deployment: str, prefect_yaml: Path) -> Policy:
     entry = next((d for d in _deployments(prefect_yaml) if isinstance(d, dict) and d.get("name") == deployment), None)
     if entry is None or entry.get("policy") is None:
         return Policy(DeploymentPolicy(), f"the closed default: deployment {deployment!r} has no policy in "
