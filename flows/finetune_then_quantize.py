@@ -50,7 +50,8 @@ from tasks.release import release, release_adapter
 from tasks.serve_check import prepare as prepare_serving
 from tasks.serve_check import serve_adapter_check, serve_check
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flows.finetune_then_quantize")  # not __name__: a worker loads this file by path, as
+# module `finetune_then_quantize`, whose logger would be outside PIPELINE_LOGGERS (not shown in the UI)
 FLOW_NAME = "finetune-then-quantize"
 PIPELINE_LOGGERS = ("pipeline", "tasks", "flows")  # also [tool.prefect.logging] extra_loggers: sent to the UI
 # Stages that load a model carry this tag, so `prefect concurrency-limit create gpu 1` lets one of them at a time,
@@ -105,9 +106,13 @@ def finetune_then_quantize(
     Ends with a markdown report artifact (status, each stage's store URI, metrics, run.json) on the flow run's page.
     The Args below are the descriptions of the deployment's parameter form in the Prefect UI.
 
+    A run triggered from a deployment may set only what the deployment's policy in the worker's prefect.yaml allows
+    (docs/operations.md, "Who may run what"); it is refused before anything is read otherwise.
+
     Args:
         config: A config in conf/ by name (smoke, default, qwen2-1.5b-instruct) or a YAML path on the worker.
-        overrides: Config overrides, one `dotted.key=value` each (values are YAML), e.g. `training.max_steps=100`.
+        overrides: Config overrides, one `dotted.key=value` each (values are YAML), e.g. `training.max_steps=100`;
+            for a triggered run, only the keys its deployment's policy allows.
         run_name: The run's folder in the store; empty: the config's run_name.
         store: Where the run is written (a path or store URI); empty: the config's store.uri.
         force: Stages to recompute even if the store holds them (data, finetune, merge, quantize, serve,
