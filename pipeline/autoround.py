@@ -5,7 +5,6 @@ gradient descent against the block's full-precision output, exported as a standa
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from typing import Any
 
 from pipeline.config import QuantizationConfig
 from pipeline.errors import BadInputError
+from pipeline.gptq_checkpoint import edit_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,13 @@ def quantize_autoround(merged_dir: Path, out_dir: Path, quant: QuantizationConfi
 def name_checkpoint_format(out_dir: Path) -> None:
     """AutoRound's GPTQ export leaves `checkpoint_format` out (its readers default to v1, `gptq`): write it, so the
     checkpoint says what it is and the stage's layout check reads the same field for every method."""
-    for name, section in (("quantization_config.json", None), ("config.json", "quantization_config")):
-        path = out_dir / name
-        if path.is_file():
-            config = json.loads(path.read_text())
-            (config[section] if section else config).setdefault("checkpoint_format", "gptq")
-            path.write_text(json.dumps(config, indent=2) + "\n")
+    def name_it(config: dict) -> bool:
+        if "checkpoint_format" in config:
+            return False
+        config["checkpoint_format"] = "gptq"
+        return True
+
+    edit_quantization_config(out_dir, name_it)
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.config import QuantizationConfig
 from pipeline.data import read_calibration, render_text
 from pipeline.errors import StageCheckError
+from pipeline.gptq_checkpoint import edit_quantization_config
 from pipeline.keys import code_version, stage_key
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
@@ -109,14 +110,8 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
 def drop_machine_paths(out_dir: Path) -> None:
     """gptqmodel records its offload folder (`/tmp/gptqmodel_...`, this machine's) in the quantize config's `meta`;
     a shipped checkpoint carries no path of the machine that built it."""
-    for name, section in (("quantize_config.json", None), ("config.json", "quantization_config")):
-        path = out_dir / name
-        if not path.is_file():
-            continue
-        config = json.loads(path.read_text())
-        quantize_config = config.get(section, {}) if section else config
-        if quantize_config.get("meta", {}).pop("offload_to_disk_path", None) is not None:
-            path.write_text(json.dumps(config, indent=2) + "\n")
+    edit_quantization_config(out_dir, lambda config: config.get("meta", {}).pop("offload_to_disk_path", None)
+                             is not None)
 
 
 def check_gptq_v1(out_dir: Path, quant: QuantizationConfig) -> dict[str, Any]:
