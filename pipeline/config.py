@@ -269,6 +269,17 @@ class GateConfig(_Section):
                                        "on the same prompts (a model vLLM cannot load always fails).")
 
 
+class TrackingConfig(_Section):
+    """Where the run is also recorded, beside the store and the Prefect UI (pip install '.[tracking]')."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default=[], description="Trackers the fine-tune reports per-step loss, learning rate and gradient norm to: "
+                                "tensorboard (event files in the fine-tune stage's `tensorboard/` folder: "
+                                "`tensorboard --logdir <store>/<run>`), wandb (Weights & Biases; WANDB_MODE=offline "
+                                "writes its run files locally). Not part of any stage key: a reused fine-tune keeps "
+                                "the files of the run that trained it.")
+
+
 class StoreConfig(_Section):
     """Where stages are published: a local folder or an S3-compatible bucket."""
 
@@ -291,6 +302,7 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     store: StoreConfig = StoreConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("run_name")
     @classmethod

@@ -36,6 +36,7 @@ from pipeline.memory import (
     visible_device,
 )
 from pipeline.store import StoreError, check_store, open_store
+from pipeline.tracking import missing_trackers
 
 logger = logging.getLogger(__name__)
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
@@ -57,6 +58,7 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
     problems: list[str] = []
     problems += check_qlora(cfg.training.qlora)
     problems += check_fused_kernels(cfg.training.fused_kernels)
+    problems += missing_trackers(cfg.tracking.report_to)
     try:
         problems += check_store(open_store(cfg.store.uri, cfg.store.credentials_block))
     except StoreError as exc:

@@ -27,6 +27,7 @@ from pipeline.output_head import selective_head
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, key_of, local_copy, run_stage
 from pipeline.store import describe_files, retrying
+from pipeline.tracking import TENSORBOARD_DIR, finish_trackers, trainer_report_to, write_tensorboard
 from tasks.data import read_data
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ logger = logging.getLogger(__name__)
 def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConfig, training: TrainingConfig,
                out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None,
                on_saved: Callable[[int, Path], None] | None = None,
-               trust_remote_code: bool = False, base_name: str | None = None) -> dict[str, Any]:
+               trust_remote_code: bool = False, base_name: str | None = None, report_to: list[str] = (),
+               run_name: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on `base_dir` with `dataset` (examples cut to `max_length` tokens), write it to
     `out_dir`, return eval losses before and after. The adapter names its base `base_name` (the user's hub id or
-    source), not `base_dir`, a folder of this machine.
+    source), not `base_dir`, a folder of this machine. The steps' loss, learning rate and gradient norm go to the
+    trackers in `report_to` (`tracking.report_to`), as run `run_name`; TensorBoard's files into `out_dir`.
 
     Checkpoints go to `checkpoint_dir` every `save_steps`, and with `sync` to the store as well; training resumes
     from the newest complete one (the store's, restored into `checkpoint_dir`, else the folder's own).
@@ -122,7 +125,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         activation_checkpointing=training.gradient_checkpointing,  # transformers 5's name for it
         seed=training.seed,
         data_seed=training.seed,
-        report_to=[],
+        report_to=trainer_report_to(list(report_to)),
+        run_name=run_name,
         disable_tqdm=True,
         remove_unused_columns=False,
         use_cpu=not on_gpu,
@@ -193,6 +197,9 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
                               save_embedding_layers=False)  # the vocabulary is never resized here
         tokenizer.save_pretrained(out_dir)
         (Path(out_dir) / "training_log.json").write_text(json.dumps(history, indent=2))
+        if "tensorboard" in report_to:
+            write_tensorboard(history, Path(out_dir) / TENSORBOARD_DIR)
+    finish_trackers(list(report_to))
     return {
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
@@ -397,7 +404,8 @@ def finetune(run: RunContext, data: StageArtifact) -> StageArtifact:
             return train_ranks(run, base_dir, local_copy(store, data), training, out_dir, local_checkpoints, work)
         return train_lora(base_dir, read_data(run, data), run.cfg.data.max_length, run.cfg.lora, training,
                           out_dir, local_checkpoints, CheckpointSync(store, work),
-                          trust_remote_code=model.trust_remote_code, base_name=model.name_or_path)
+                          trust_remote_code=model.trust_remote_code, base_name=model.name_or_path,
+                          report_to=run.cfg.tracking.report_to, run_name=run.name)
 
     try:
         artifact = run_stage(run, "finetune", determinants, build, inputs={"data": data})
@@ -422,7 +430,8 @@ def train_ranks(run: RunContext, base_dir: Path, data_dir: Path, training: Train
         "max_length": run.cfg.data.max_length, "lora": run.cfg.lora.model_dump(), "training": training.model_dump(),
         "out_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(checkpoint_dir.resolve()),
         "metrics": str(metrics_file.resolve()),
-        "trust_remote_code": run.cfg.model.trust_remote_code, "base_name": run.cfg.model.name_or_path}))
+        "trust_remote_code": run.cfg.model.trust_remote_code, "base_name": run.cfg.model.name_or_path,
+        "report_to": run.cfg.tracking.report_to, "run_name": run.name}))
     launch_ranks(spec, training.nproc,
                  lambda saved: publish_checkpoint(store, work, Path(saved["folder"]), saved["step"]))
     return json.loads(metrics_file.read_text())

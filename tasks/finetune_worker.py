@@ -52,7 +52,8 @@ def main(spec_path: str) -> int:
             Path(spec["base_dir"]), load_dataset(Path(spec["data_dir"])), spec["max_length"],
             LoraConfig.model_validate(spec["lora"]), TrainingConfig.model_validate(spec["training"]),
             Path(spec["out_dir"]), Path(spec["checkpoint_dir"]), on_saved=announce_checkpoint,
-            trust_remote_code=spec["trust_remote_code"], base_name=spec["base_name"])
+            trust_remote_code=spec["trust_remote_code"], base_name=spec["base_name"], report_to=spec["report_to"],
+            run_name=spec["run_name"])
     except Exception as exc:
         logger.error("%s: %s", type(exc).__name__, exc, exc_info=True)
         raise
