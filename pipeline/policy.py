@@ -153,8 +153,6 @@ def check_config(policy: Policy, cfg: PipelineConfig, config: str) -> None:
         if (name := getattr(cfg.training, f"{engine}_config")) and not (CONF_DIR / engine / name).is_file() \
                 and not (CONF_DIR / engine / f"{name}.json").is_file():
             sources[f"training.{engine}_config"] = name
-    if cfg.serving.python:
-        sources["serving.python"] = cfg.serving.python
     for key, value in sources.items():
         if value is None:
             continue
