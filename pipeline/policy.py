@@ -38,7 +38,8 @@ LOCAL_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf", ".yaml", 
 
 
 class PolicyError(BadInputError):
-    """A triggered run asked for something its deployment's policy does not allow; nothing was read or written."""
+    """A triggered run asked for something its deployment's policy does not allow; refused before any data or model
+    was read and anything written."""
 
 
 class DeploymentPolicy(BaseModel):
@@ -74,8 +75,8 @@ class Policy:
     def refuse(self, problems: list[str]) -> None:
         if problems:
             listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
-            raise PolicyError(f"the deployment policy ({self.source}) refused this run; nothing was read or written:\n"
-                              f"{listed}\nA triggered run can change only what the policy allows: ask whoever deploys "
+            raise PolicyError(f"the deployment policy ({self.source}) refused this run before it read data or a "
+                              f"model or wrote anything:\n{listed}\nA triggered run can change only what the policy allows: ask whoever deploys "
                               f"to widen it in prefect.yaml, or run the pipeline from the command line on a machine "
                               f"you own.")
 

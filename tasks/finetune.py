@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConfig, training: TrainingConfig,
                out_dir: Path, checkpoint_dir: Path, sync: CheckpointSync | None = None,
                on_saved: Callable[[int, Path], None] | None = None,
-               trust_remote_code: bool = False, base_name: str | None = None, report_to: list[str] = (),
+               trust_remote_code: bool = False, base_name: str | None = None, report_to: Sequence[str] = (),
                run_name: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on `base_dir` with `dataset` (examples cut to `max_length` tokens), write it to
     `out_dir`, return eval losses before and after. The adapter names its base `base_name` (the user's hub id or

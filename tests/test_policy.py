@@ -66,7 +66,7 @@ def test_remote_code_and_pickle_are_refused_by_key_and_by_value():
     message = str(refused.value)
     assert "override 'model.trust_remote_code': not a key a triggered run may set" in message
     assert "override 'model.name_or_path'" in message and "deployment 'nightly'" in message
-    assert "nothing was read or written" in message
+    assert "refused this run before it read data or a model or wrote anything" in message
     # A policy that opens model.* still keeps the switches that run code shut
     with pytest.raises(PolicyError) as refused:
         triggered(policy(overrides=["model.*"]), "smoke", ["model.trust_remote_code=true", "model.allow_pickle=true"])
