@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.config import CONF_DIR, PipelineConfig, StoreConfig, resolve_config_path
+from pipeline.distributed import engine_config_path
 from pipeline.errors import BadInputError
 from pipeline.gguf_base import PYPI, is_gguf
 
@@ -151,9 +152,13 @@ def check_config(policy: Policy, cfg: PipelineConfig, config: str) -> None:
     if cfg.quantization.calibration.source != "train":
         sources["quantization.calibration.source"] = cfg.quantization.calibration.source
     for engine in ("fsdp", "deepspeed"):
-        if (name := getattr(cfg.training, f"{engine}_config")) and not (CONF_DIR / engine / name).is_file() \
-                and not (CONF_DIR / engine / f"{name}.json").is_file():
-            sources[f"training.{engine}_config"] = name
+        if name := getattr(cfg.training, f"{engine}_config"):
+            try:
+                path = engine_config_path(engine, name)  # where training will read it: a path, or a name in conf/
+            except FileNotFoundError:
+                continue  # preflight says so
+            if not _inside(path, [CONF_DIR]):
+                sources[f"training.{engine}_config"] = name
     for key, value in sources.items():
         if value is None:
             continue

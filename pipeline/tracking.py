@@ -8,6 +8,7 @@ those before a resume included (a resumed Trainer logs only the steps it runs it
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def missing_trackers(report_to: list[str]) -> list[str]:
             for name in report_to if importlib.util.find_spec(PACKAGES[name]) is None]
 
 
-def trainer_report_to(report_to: list[str]) -> list[str]:
+def trainer_report_to(report_to: Sequence[str]) -> list[str]:
     """What the Trainer reports to itself: every tracker but TensorBoard (written from the log history instead)."""
     return [name for name in report_to if name != "tensorboard"]
 
@@ -42,7 +43,7 @@ def write_tensorboard(history: list[dict[str, Any]], log_dir: Path) -> None:
         writer.close()
 
 
-def finish_trackers(report_to: list[str]) -> None:
+def finish_trackers(report_to: Sequence[str]) -> None:
     """End the trackers' runs the Trainer started (its W&B callback leaves the run open, unsynced, after training)."""
     if "wandb" in report_to:
         import wandb

@@ -125,7 +125,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         activation_checkpointing=training.gradient_checkpointing,  # transformers 5's name for it
         seed=training.seed,
         data_seed=training.seed,
-        report_to=trainer_report_to(list(report_to)),
+        report_to=trainer_report_to(report_to),
         run_name=run_name,
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -199,7 +199,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         (Path(out_dir) / "training_log.json").write_text(json.dumps(history, indent=2))
         if "tensorboard" in report_to:
             write_tensorboard(history, Path(out_dir) / TENSORBOARD_DIR)
-    finish_trackers(list(report_to))
+    finish_trackers(report_to)
     return {
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,

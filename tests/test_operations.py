@@ -275,9 +275,13 @@ def test_run_triggered_like_the_ui_completes_with_report_artifact_and_store(stac
     with api(stack) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-        logs = [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
-    # the flow's own log lines reach the run's Logs tab (the worker loads the flow module by its path)
-    assert f"run from-ui completed: {run_dir / 'run.json'}" in logs
+        # the flow's own log lines reach the run's Logs tab (the worker loads the flow module by its path); logs are
+        # shipped in batches, so the last lines may land a few seconds after the run's final state
+        line, deadline = f"run from-ui completed: {run_dir / 'run.json'}", time.monotonic() + 60
+        while line not in (logs := [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]):
+            assert time.monotonic() < deadline, logs[-10:]
+            time.sleep(2)
     stage_tasks = [t for t in tasks if t.name.rsplit("-", 1)[0] in STAGES]
     assert sorted(t.name.rsplit("-", 1)[0] for t in stage_tasks) == sorted(STAGES)
     assert all(t.state.is_completed() for t in stage_tasks)

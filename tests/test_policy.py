@@ -126,6 +126,15 @@ def test_stores_allowed_are_the_configs_own_and_the_listed_ones(tmp_path):
         triggered(nightly, "smoke", ["store.uri=s3://elsewhere"])
 
 
+def test_engine_configs_from_conf_pass_and_others_must_lie_in_a_root(tmp_path):
+    rules = policy(overrides=["training.*"])
+    triggered(rules, "smoke", ["training.distributed=fsdp", "training.fsdp_config=full_shard"])  # conf/fsdp/
+    outside = tmp_path / "zero.json"
+    outside.write_text("{}")
+    with pytest.raises(PolicyError, match=rf"training.deepspeed_config='{outside}' lies outside the allowed roots"):
+        triggered(rules, "smoke", ["training.distributed=deepspeed", f"training.deepspeed_config={outside}"])
+
+
 def test_force_needs_the_policy():
     with pytest.raises(PolicyError, match=r"force \['merge'\]: recomputing finished stages is not allowed"):
         triggered(policy(), "smoke", force=["merge"])
