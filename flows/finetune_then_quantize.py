@@ -31,14 +31,15 @@ from pipeline.base_model import adapter_route
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data import Dataset
 from pipeline.errors import BadInputError
-from pipeline.gate import QualityGateError, check_gate
+from pipeline.gate import QualityGateError, check_gate, gate_figures
 from pipeline.memory import MemoryPlan
+from pipeline.mlflow_run import MlflowRun, tracking_uri
 from pipeline.policy import Policy, check_config, check_request, deployment_policy
 from pipeline.preflight import Checked, preflight
 from pipeline.report import run_report
 from pipeline.run import RunContext, open_run
-from pipeline.stage import StageArtifact
-from pipeline.store import RUN_SUMMARY, StoreUnavailable, write_json
+from pipeline.stage import StageArtifact, local_copy
+from pipeline.store import RUN_SUMMARY, StoreUnavailable, read_json, write_json
 from pipeline.summary import RunSummary, StageSummary
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
@@ -146,18 +147,23 @@ def run_pipeline(run: RunContext, dataset: Dataset, plan: MemoryPlan | None = No
                          memory_plan=plan.as_dict() if plan else None)
     started = time.perf_counter()
     reached = "data"
+    mlflow = MlflowRun(tracking_uri(run.cfg))  # does nothing without a tracking server
+    mlflow.start(run.cfg, run.store.url(run.store.path(run.name)), prefect_tags())
 
     def stage(name: str, stage_task: Callable[..., StageArtifact], *inputs) -> StageArtifact:
         nonlocal reached
         reached = name
         artifact = stage_task(run, *inputs)
         summary.stages[name] = StageSummary(**artifact.summary())
+        mlflow.stage(name, artifact)
         return artifact
 
     try:
         prepare_serving(run)  # vLLM's environment, if this machine has none, builds beside the fine-tune
         data = stage("data", data_task, quote(dataset))  # quote: Prefect does not walk every row for task inputs
         adapter = stage("finetune", finetune_task, data)
+        if "mlflow" in run.cfg.tracking.report_to:
+            mlflow.curve(lambda: read_json(run.store, f"{adapter.store_path}/training_log.json") or [])
         if adapter_route(run.cfg):  # an adapter trained on a quantized base ships as it is
             summary.skipped = {"merge": NO_MERGE, "quantize": NO_QUANTIZE}
             served = stage("serve", serve_adapter_task, data, adapter)
@@ -170,11 +176,14 @@ def run_pipeline(run: RunContext, dataset: Dataset, plan: MemoryPlan | None = No
             evaluation = stage("evaluate", evaluate_task, data, served)
             shipped, release_stage = quantized, release_task
         summary.metrics_uri = f"{evaluation.uri}/metrics.json"
+        mlflow.evaluation(evaluation.metrics, lambda: local_copy(run.store, evaluation))
         reached = "gate"
         if failures := check_gate(evaluation.metrics, run.cfg.gate):
             raise QualityGateError("the model failed the quality gate, so it is not released and "
                                    "latest.json was not moved: " + "; ".join(failures))
-        stage("release", release_stage, shipped, evaluation)
+        released = stage("release", release_stage, shipped, evaluation)
+        mlflow.register(run.cfg.tracking.registered_model or run.name, released.uri, released.key,
+                        gate_figures(evaluation.metrics))
         summary.status = "completed"
     except BaseException as exc:
         summary.status, summary.failed_stage, summary.error = "failed", reached, f"{type(exc).__name__}: {exc}"
@@ -183,6 +192,8 @@ def run_pipeline(run: RunContext, dataset: Dataset, plan: MemoryPlan | None = No
         raise StageFailed(reached, exc) from exc
     finally:
         summary.seconds = round(time.perf_counter() - started, 2)
+        mlflow.end(summary.status)
+        summary.mlflow = mlflow.record()
         path = run.store.path(run.name, RUN_SUMMARY)
         try:
             write_json(run.store, path, summary.model_dump(mode="json"), sort_keys=False)  # stages in pipeline order
@@ -206,6 +217,15 @@ def run_checked(checked: Checked, force: Iterable[str] = ()) -> str:
         return run_pipeline(open_run(config, force), checked.dataset, checked.plan)
 
     return checked_run(checked.cfg, list(force))
+
+
+def prefect_tags() -> dict[str, str]:
+    """The flow run this pipeline run is, for the MLflow run's tags (none when called outside a flow)."""
+    from prefect.runtime import flow_run
+
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_url": flow_run.ui_url}
+    return {name: str(value) for name, value in tags.items()
+            if value and not str(value).startswith("None/")}  # ui_url without a UI (PREFECT_UI_URL unset)
 
 
 def publish_report(summary: RunSummary, path: str) -> None:

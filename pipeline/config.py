@@ -270,14 +270,25 @@ class GateConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """Where the run is also recorded, beside the store and the Prefect UI (pip install '.[tracking]')."""
+    """Where the run is also recorded, beside the store and the Prefect UI (pip install '.[tracking]';
+    docs/tracking.md)."""
 
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default=[], description="Trackers the fine-tune reports per-step loss, learning rate and gradient norm to: "
                                 "tensorboard (event files in the fine-tune stage's `tensorboard/` folder: "
                                 "`tensorboard --logdir <store>/<run>`), wandb (Weights & Biases; WANDB_MODE=offline "
-                                "writes its run files locally). Not part of any stage key: a reused fine-tune keeps "
-                                "the files of the run that trained it.")
+                                "writes its run files locally), mlflow (into the pipeline's MLflow run: needs "
+                                "mlflow_tracking_uri). Not part of any stage key: a reused fine-tune keeps the files "
+                                "of the run that trained it.")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="An MLflow tracking server (http://host:5000) or store: one MLflow run per pipeline "
+                                  "run (config, stage metrics, evaluation, report files; a release that passed the "
+                                  "gate registered). Empty: MLFLOW_TRACKING_URI if set, else no MLflow. Credentials go "
+                                  "in MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, never in the URI.")
+    experiment: str | None = Field(default=None, description="The MLflow experiment; empty: the run name.")
+    registered_model: str | None = Field(
+        default=None, description="The MLflow registered model a passing release becomes a new version of; empty: "
+                                  "the run name.")
 
 
 class StoreConfig(_Section):

@@ -82,3 +82,17 @@ def serving_failures(serving: dict[str, Any], gptq: dict[str, Any], gate: GateCo
                 f"{gptq['exact_match']:.1f}% on the same prompts ({serving['agreement']:.1f}% of answers identical; "
                 f"gate.max_serving_gap allows {gate.max_serving_gap:.1f})"]
     return []
+
+
+def gate_figures(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures the gate judged, by name (for the registry's version tags): the shipped model's exact match and
+    perplexity, its perplexity increase over the merged model, and vLLM's exact-match gap, where measured."""
+    models = metrics["models"]
+    shipped = models.get("gptq") or models["adapted"]
+    figures = {"exact_match": shipped.get("exact_match"), "perplexity": shipped.get("perplexity")}
+    if "merged" in models and shipped.get("perplexity") is not None:
+        figures["ppl_increase"] = shipped["perplexity"] / models["merged"]["perplexity"] - 1
+    serving = metrics.get("serving") or {}
+    if serving.get("exact_match") is not None and shipped.get("exact_match") is not None:
+        figures["serving_gap"] = shipped["exact_match"] - serving["exact_match"]
+    return {name: float(value) for name, value in figures.items() if value is not None}

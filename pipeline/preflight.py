@@ -35,6 +35,7 @@ from pipeline.memory import (
     resolve_batch,
     visible_device,
 )
+from pipeline.mlflow_run import check_mlflow
 from pipeline.store import StoreError, check_store, open_store
 from pipeline.tracking import missing_trackers
 
@@ -58,7 +59,8 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
     problems: list[str] = []
     problems += check_qlora(cfg.training.qlora)
     problems += check_fused_kernels(cfg.training.fused_kernels)
-    problems += missing_trackers(cfg.tracking.report_to)
+    problems += missing_trackers([name for name in cfg.tracking.report_to if name != "mlflow"])
+    problems += check_mlflow(cfg)
     try:
         problems += check_store(open_store(cfg.store.uri, cfg.store.credentials_block))
     except StoreError as exc:

@@ -162,6 +162,8 @@ def run_report(summary: RunSummary, path: str) -> str:
     lines = [f"# finetune-then-quantize: {summary.run_name} {summary.status}", "", f"run.json: `{path}`", ""]
     if summary.error:
         lines += [f"**error** (in {summary.failed_stage or 'the run'}): {summary.error}", ""]
+    if summary.mlflow:
+        lines += [mlflow_line(summary.mlflow), ""]
     lines += ["| stage | store URI | seconds | reused |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | `{stage.uri}` | {stage.seconds} | {stage.reused} |" for name, stage in summary.stages.items()]
     lines += [f"| {name} | skipped: {why} | – | – |" for name, why in summary.skipped.items()]
@@ -177,6 +179,18 @@ def run_report(summary: RunSummary, path: str) -> str:
               for name, stage in summary.stages.items() if name not in ("evaluate", "release", "serve")]
     lines += ["", "## run.json", "", "```json", summary.to_json(), "```", ""]
     return "\n".join(lines)
+
+
+def mlflow_line(mlflow: dict) -> str:
+    """Where the run is in MLflow, what it registered, or why tracking stopped."""
+    where = f"[{mlflow['run_id']}]({mlflow['run_url']})" if mlflow.get("run_url") else f"`{mlflow.get('run_id')}`"
+    line = f"MLflow run: {where} at `{mlflow['tracking_uri']}`"
+    if registered := mlflow.get("registered_model"):
+        line += (f"; registered as **{registered['name']}** version {registered['version']}" if "version" in registered
+                 else f"; not registered: {registered['skipped']}")
+    if mlflow.get("error"):
+        line += f". Tracking failed (the run went on): {mlflow['error']}"
+    return line
 
 
 def memory_table(summary: RunSummary) -> str:

@@ -39,6 +39,11 @@ class RunSummary(BaseModel):
     error: str | None = Field(default=None, description="`ExceptionType: message` of a failed run.")
     seconds: float | None = Field(default=None, description="Wall seconds of the whole run.")
     metrics_uri: str | None = Field(default=None, description="The evaluation's metrics.json, once evaluated.")
+    mlflow: dict[str, Any] | None = Field(
+        default=None, description="The run's MLflow run, when a tracking server is set: `tracking_uri` (credentials "
+                                  "removed), `experiment_id`, `run_id`, `run_url` (its page in MLflow's UI), "
+                                  "`registered_model` (`name` and `version` of the registered release, or why it was "
+                                  "`skipped`), and `error`: why tracking stopped, if it did (the run goes on).")
 
     @computed_field(description="Each stage's metrics, by stage name (the same figures as in `stages`).")
     @property

@@ -2,7 +2,8 @@
 
 Weights & Biases gets the Trainer's own callback, live. TensorBoard's event files are written from the Trainer's
 log history once training ends, into the fine-tune stage's folder, so that the store holds every step's curve,
-those before a resume included (a resumed Trainer logs only the steps it runs itself).
+those before a resume included (a resumed Trainer logs only the steps it runs itself). MLflow gets the same history
+in the pipeline's own MLflow run (pipeline/mlflow_run.py), not a second run of the Trainer's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+FROM_HISTORY = ("tensorboard", "mlflow")  # written from the log history by the pipeline, not by the Trainer
 TENSORBOARD_DIR = "tensorboard"
 SCALARS = ("loss", "learning_rate", "grad_norm", "epoch")  # the Trainer's log keys, under TensorBoard's train/ tag
 
@@ -25,8 +27,8 @@ def missing_trackers(report_to: list[str]) -> list[str]:
 
 
 def trainer_report_to(report_to: Sequence[str]) -> list[str]:
-    """What the Trainer reports to itself: every tracker but TensorBoard (written from the log history instead)."""
-    return [name for name in report_to if name != "tensorboard"]
+    """What the Trainer reports to itself: the trackers not written from the log history."""
+    return [name for name in report_to if name not in FROM_HISTORY]
 
 
 def write_tensorboard(history: list[dict[str, Any]], log_dir: Path) -> None:

@@ -29,13 +29,13 @@ import pytest
 
 from flows.finetune_then_quantize import GPU_STAGES, GPU_TAG, REPORT_KEY
 from pipeline.run import STAGES
+from tests.browser import chromium, needs_chromium
 from tests.conftest import ROOT
 from tests.processes import BIN, free_port, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "finetune-then-quantize/nightly"  # from prefect.yaml
 OUTPUTS = ROOT / "test-outputs" / "operations"
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # The smoke config cut shorter still: these tests are about orchestration, the pipeline's own tests are elsewhere.
 FAST = ["training.max_steps=4", "merge.check_samples=1", "quantization.calibration.n_samples=8"]
 AUTH = "ftq-operator:ops-test-password"  # the server's API auth (PREFECT_SERVER_API_AUTH_STRING) and its clients'
@@ -296,43 +296,7 @@ def test_run_triggered_like_the_ui_completes_with_report_artifact_and_store(stac
     assert json.loads(report.data.split("```json\n", 1)[1].split("\n```", 1)[0]) == summary
 
 
-@contextmanager
-def chromium(profile: Path):
-    """Debian's chromedriver on a free port driving headless Chromium; both stopped by chromedriver's pid."""
-    from selenium import webdriver
-
-    port = free_port()
-    log = open(profile.parent / "chromedriver.log", "w")
-    driver_proc = subprocess.Popen([str(CHROMEDRIVER), f"--port={port}"], stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2).close()
-                break
-            except OSError:
-                assert driver_proc.poll() is None and time.monotonic() < deadline, "chromedriver did not start"
-                time.sleep(0.2)
-        options = webdriver.ChromeOptions()
-        options.binary_location = str(CHROMIUM)
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     f"--user-data-dir={profile}", "--window-size=1400,1400"):
-            options.add_argument(flag)
-        driver = webdriver.Remote(command_executor=f"http://127.0.0.1:{port}", options=options)
-        try:
-            yield driver
-        finally:
-            driver.quit()
-    finally:
-        stop(driver_proc)
-        log.close()
-
-
-@pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-                    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
-                           "`make system-deps` installs them (as root)")
+@needs_chromium
 def test_flow_run_page_in_the_ui_shows_the_report_artifact(stack, ui_run, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as shown
