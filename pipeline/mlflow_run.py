@@ -24,9 +24,10 @@ from pipeline.config import PipelineConfig
 logger = logging.getLogger(__name__)
 
 # A tracker that does not answer must not hold the run for minutes: MLflow's own defaults retry 7 times with
-# backoff and wait 120 s per request. These apply unless the environment sets MLflow's variables itself.
-QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# backoff and wait 120 s per request. And MLflow's client writes the run's URL to stdout when the run ends (the
+# pipeline logs it once, when the run starts). These apply unless the environment sets MLflow's variables itself.
+CLIENT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 BATCH = 100             # MLflow's log_batch takes at most 100 params or tags and 1000 metrics per request
 PARAM_VALUE_MAX = 6000  # MLflow's longest param value
 CURVE_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")  # the Trainer's log keys, under train/ as TensorBoard
@@ -67,9 +68,10 @@ def check_mlflow(cfg: PipelineConfig) -> list[str]:
 
 
 @contextmanager
-def quick_http() -> Iterator[None]:
-    """MLflow's HTTP settings for the duration of one call: few retries, a short timeout, unless the user set them."""
-    added = {name: value for name, value in QUICK_HTTP.items() if name not in os.environ}
+def client_settings() -> Iterator[None]:
+    """MLflow's client settings for the duration of one call (few retries, a short timeout, no printing), unless the
+    user set them."""
+    added = {name: value for name, value in CLIENT_SETTINGS.items() if name not in os.environ}
     os.environ.update(added)
     try:
         yield
@@ -124,7 +126,7 @@ class MlflowRun:
         if not self.active:
             return None
         try:
-            with quick_http():
+            with client_settings():
                 return action()
         except Exception as exc:  # any failure of the tracker: the run goes on without it
             self.fail(what, exc)
@@ -254,7 +256,7 @@ class MlflowRun:
         if self.run_id is None:
             return
         try:
-            with quick_http():
+            with client_settings():
                 self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "FAILED")
         except Exception as exc:  # the tracker is gone or refuses; said once, kept for run.json
             if self.error is None:

@@ -18,6 +18,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PreflightError
+from pipeline.gate import gate_figures
 from pipeline.preflight import preflight
 from pipeline.report import run_report
 from pipeline.summary import RunSummary
@@ -119,6 +120,8 @@ def test_the_run_holds_the_config_the_steps_the_evaluation_and_the_report(s3, ml
     assert run["info"]["experiment_id"] == experiment["experiment_id"] == summary["mlflow"]["experiment_id"]
     assert summary["mlflow"]["run_url"] == f"{mlflow_server.url}/#/experiments/{experiment['experiment_id']}/runs/{run_id}"
     assert summary["mlflow"]["error"] is None
+    assert "View run" not in passing["result"].stdout  # MLflow's own print; the pipeline logs the link once
+    assert passing["result"].stdout.strip().splitlines()[-1] == f"run summary: s3://{passing['prefix']}/smoke/run.json"
 
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["run_name"] == "smoke" and params["model.name_or_path"] == summary["config"]["model"]["name_or_path"]
@@ -251,6 +254,18 @@ def test_a_tracking_uri_with_credentials_is_refused_without_echoing_them(tmp_pat
     with pytest.raises(PreflightError, match=r"MLFLOW_TRACKING_URI 'https://\*\*\*@mlflow.example' embeds"):
         preflight(load_config("smoke", [], store=str(tmp_path / "store")))
     assert not (tmp_path / "store").exists()
+
+
+def test_the_gate_figures_tagged_on_a_version_for_both_routes():
+    merged_route = {"models": {"base": {"perplexity": 9.0, "exact_match": 10.0},
+                               "merged": {"perplexity": 4.0, "exact_match": 60.0},
+                               "gptq": {"perplexity": 4.4, "exact_match": 55.0}},
+                    "serving": {"checked": True, "loaded": True, "exact_match": 54.0}}
+    assert gate_figures(merged_route) == pytest.approx(
+        {"exact_match": 55.0, "perplexity": 4.4, "ppl_increase": 0.1, "serving_gap": 1.0})
+    adapter_route = {"models": {"base": {"perplexity": 6.0, "exact_match": None},
+                                "adapted": {"perplexity": 5.0, "exact_match": None}}, "serving": {"checked": False}}
+    assert gate_figures(adapter_route) == {"perplexity": 5.0}
 
 
 def test_mlflow_in_report_to_needs_a_server(tmp_path, monkeypatch):
