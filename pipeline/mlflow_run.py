@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ BATCH = 100             # MLflow's log_batch takes at most 100 params or tags an
 PARAM_VALUE_MAX = 6000  # MLflow's longest param value
 CURVE_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")  # the Trainer's log keys, under train/ as TensorBoard
 REPORT_FILES = ("report.md", "metrics.json", "training_loss.png")  # the evaluation stage's files, as artifacts
+USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@\"]+@")  # scheme://user:password@
 EVALUATION_KEYS = ("models", "serving", "samples", "notes")  # logged once, as the eval.* table, not per stage
 
 
@@ -94,7 +96,10 @@ def numeric(values: dict[str, Any]) -> dict[str, float]:
 
 
 def as_param(value: Any) -> str:
+    """A config value as MLflow keeps it: text, a URL's user and password removed (an index URL in
+    `serving.pip_args` may carry a token), cut to MLflow's longest value."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = USERINFO.sub(r"\1***@", text)
     return text if len(text) <= PARAM_VALUE_MAX else text[:PARAM_VALUE_MAX - 3] + "..."
 
 

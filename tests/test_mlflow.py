@@ -268,6 +268,15 @@ def test_the_gate_figures_tagged_on_a_version_for_both_routes():
     assert gate_figures(adapter_route) == {"perplexity": 5.0}
 
 
+def test_config_values_sent_as_params_lose_a_urls_password():
+    from pipeline.mlflow_run import as_param
+
+    assert as_param(["--extra-index-url", "https://bob:t0ken@pypi.example/simple"]) == \
+        '["--extra-index-url", "https://***@pypi.example/simple"]'
+    assert as_param("s3://bucket/data.jsonl") == "s3://bucket/data.jsonl" and as_param(None) == "null"
+    assert len(as_param("x" * 10_000)) == 6000
+
+
 def test_mlflow_in_report_to_needs_a_server(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config("smoke", ["tracking.report_to=[mlflow]"], store=str(tmp_path / "store"))
