@@ -59,7 +59,7 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
     problems: list[str] = []
     problems += check_qlora(cfg.training.qlora)
     problems += check_fused_kernels(cfg.training.fused_kernels)
-    problems += missing_trackers([name for name in cfg.tracking.report_to if name != "mlflow"])
+    problems += missing_trackers(cfg.tracking.report_to)
     problems += check_mlflow(cfg)
     try:
         problems += check_store(open_store(cfg.store.uri, cfg.store.credentials_block))

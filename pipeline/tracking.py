@@ -13,17 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # mlflow: pipeline/mlflow_run.check_mlflow
 FROM_HISTORY = ("tensorboard", "mlflow")  # written from the log history by the pipeline, not by the Trainer
 TENSORBOARD_DIR = "tensorboard"
 SCALARS = ("loss", "learning_rate", "grad_norm", "epoch")  # the Trainer's log keys, under TensorBoard's train/ tag
 
 
 def missing_trackers(report_to: list[str]) -> list[str]:
-    """The trackers in `report_to` whose package is not installed, each with the install command."""
+    """The trackers in `report_to` whose package is not installed, each with the install command (MLflow's client and
+    server are checked by pipeline/mlflow_run.check_mlflow)."""
     return [f"tracking.report_to includes {name!r} but the {PACKAGES[name]!r} package is not installed: pip install "
             f"'.[tracking]' (or set tracking.report_to without it)"
-            for name in report_to if importlib.util.find_spec(PACKAGES[name]) is None]
+            for name in report_to if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None]
 
 
 def trainer_report_to(report_to: Sequence[str]) -> list[str]:
