@@ -121,7 +121,7 @@ def test_run_json_records_the_plan_beside_the_measured_peak(tmp_path):
     summary = json.loads((store / "smoke" / "run.json").read_text())
     planned = summary["memory_plan"]["stages"]["finetune"]["host_peak_bytes"]
     measured = summary["stages"]["finetune"]["metrics"]["host_peak_bytes"]
-    # The plan's runtime part is a bare stage process's (620 MiB); the flow's process also holds Prefect's engine,
+    # The plan's runtime part is a bare stage process's (750 MiB); the flow's process also holds Prefect's engine,
     # a few hundred MiB more, which is most of the tiny model's peak: 0.70 on a fresh clone, 0.8+ in a warm checkout.
     # The ±20% validation is the stage run in its own process (below); here, that the figures are recorded and sane.
     assert 0.6 <= planned / measured <= 1.2, (planned, measured)
