@@ -27,9 +27,10 @@ def packed_windows(calibration: list[list[int]], length: int) -> list[list[int]]
 
 
 def quantize_autoround(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[list[int]],
-                       seed: int) -> dict[str, Any]:
-    """AutoRound-quantize `merged_dir` on `calibration` (token ids, packed into windows) and write a GPTQ v1
-    checkpoint to `out_dir`. Returns what the stage records about the calibration."""
+                       seed: int, bf16: bool = True) -> dict[str, Any]:
+    """AutoRound-quantize `merged_dir` on `calibration` (token ids, packed into windows), tuning in bf16 mixed
+    precision or in fp32 (`amp` off), and write a GPTQ v1 checkpoint to `out_dir`. Returns what the stage records
+    about the calibration."""
     settings = quant.autoround
     length = settings.seqlen or quant.calibration.max_length
     windows = packed_windows(calibration, length)[:settings.nsamples]
@@ -53,7 +54,7 @@ def quantize_autoround(merged_dir: Path, out_dir: Path, quant: QuantizationConfi
                                 lr=settings.lr, enable_minmax_tuning=settings.minmax_tuning)
     with _autoround_logs_through_ours():
         compressor = AutoRound(model, tokenizer, alg_configs=algorithm, dataset=[torch.tensor([w]) for w in windows],
-                               nsamples=len(windows), seqlen=length, batch_size=batch, seed=seed,
+                               nsamples=len(windows), seqlen=length, batch_size=batch, seed=seed, amp=bf16,
                                device_map=0 if torch.cuda.is_available() else "cpu")
         compressor.quantize()
         compressor.save_quantized(str(out_dir), format="auto_gptq", inplace=True)

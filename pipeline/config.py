@@ -98,13 +98,17 @@ class TrainingConfig(_Section):
                                          "less memory, about a third more compute.")
     packing: bool = Field(default=False, description="Padding-free batches: each micro-batch's examples concatenated "
                           "into one row, positions restarting per example, attention never crossing examples.")
+    shared_prefix: bool = Field(default=True, description="A micro-batch whose rows start with the same tokens (a chat "
+                                "template's system prompt, a fixed instruction) is computed as one row: the prefix "
+                                "once, then each row's rest, unpadded, each seeing only the prefix and itself. The same "
+                                "loss and gradients from fewer tokens. Not with packing or prompt tuning.")
     fused_kernels: Literal["auto", "on", "off"] = Field(
         default="auto", description="Liger kernels (fused linear cross-entropy: no full logits tensor, fused RMSNorm, "
                                     "RoPE, SwiGLU); auto = on when CUDA is present and liger-kernel is installed.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="bf16 is mixed precision (bf16 arithmetic; the frozen base held in bf16 on GPU, "
-                                    "fp32 on CPU). auto: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), "
-                                    "else fp32.")
+                                    "fp32 on CPU). auto: bf16 on a GPU that has it; on a CPU, whichever a timed probe "
+                                    "of the stage's matmul finds faster on this machine (fp32 within noise).")
     method: Literal["lora", "prompt_tuning"] = Field(
         default="lora", description="The adapter: LoRA (merged into the full-precision base, or kept beside a "
                                     "quantized one), or prompt tuning (learned virtual tokens; the weights untouched: "
@@ -202,6 +206,10 @@ class QuantizationConfig(_Section):
                        "(gptqmodel `mse`, e.g. 2.4); 0 = plain min/max scales.")
     gptaq_alpha: float | None = Field(default=0.25, gt=0, description="GPTQ: with GPTAQ, also correct the error carried over "
                                       "from already-quantized layers (gptqmodel `gptaq`), this weight; null = off.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="The calibration's compute dtype (gptqmodel's layer forwards, AutoRound's block "
+                                    "tuning). auto: bf16 on a GPU that has it; on a CPU, whichever a timed probe finds "
+                                    "faster on this machine. The checkpoint is stored the same either way (GPTQ: bf16, AutoRound: fp16).")
     autoround: AutoRoundConfig = AutoRoundConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     smoke_prompt: str = Field(default="Hello", description="Prompt generated from after reload, as a smoke check.")
@@ -229,6 +237,11 @@ class EvaluateConfig(_Section):
     max_new_tokens: int = Field(default=24, ge=1, description="Greedy tokens generated per answer for exact match.")
     batch_size: int = Field(default=16, ge=1, description="Rows per batch for perplexity and generation.")
     samples_shown: int = Field(default=5, ge=0, description="Generations shown side by side in the report.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="The scoring arithmetic: bf16 autocast over the full-precision models (base, "
+                                    "merged, round-to-nearest) and the GPTQ model loaded in bf16, or all in fp32. The "
+                                    "stage scores on the CPU; auto: whichever a timed probe finds faster there (fp32 "
+                                    "within noise).")
     rtn_baseline: bool = Field(default=True, description="Also score round-to-nearest int4 (same bits/group_size).")
 
 

@@ -26,3 +26,29 @@ def edit_quantization_config(out_dir: Path, edit: Callable[[dict[str, Any]], boo
         quantize_config = config.get(section, {}) if section else config
         if edit(quantize_config):
             path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def store_float_tensors_in_bf16(out_dir: Path) -> int:
+    """Rewrite a checkpoint's fp32 tensors (embeddings, norms; an fp32 calibration leaves them so) in bf16, as a bf16
+    calibration stores them, and say so in config.json: the same files to ship and serve whichever dtype computed
+    the quantization. Integer tensors (packed weights, zeros, group indices) and fp16 scales are kept. Returns how
+    many tensors were cast."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cast = 0
+    for path in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as weights:
+            metadata = weights.metadata()
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 - not a dict
+        wide = [name for name, tensor in tensors.items() if tensor.dtype == torch.float32]
+        if wide:
+            tensors |= {name: tensors[name].to(torch.bfloat16) for name in wide}
+            save_file(tensors, path, metadata=metadata)
+            cast += len(wide)
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config = {**config, "dtype": "bfloat16"} | ({"torch_dtype": "bfloat16"} if "torch_dtype" in config else {})
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return cast

@@ -152,9 +152,10 @@ def visible_device() -> Device:
         free, _ = torch.cuda.mem_get_info(0)
         return Device("cuda", free, host, torch.cuda.get_device_name(0), torch.cuda.device_count(),
                       torch.cuda.is_bf16_supported(), importlib.util.find_spec("liger_kernel") is not None)
-    from tasks.finetune import cpu_has_bf16
+    from pipeline.precision import REFERENCE_SHAPE, choose_precision
 
-    return Device("cpu", host, host, f"cpu ({psutil.cpu_count()} cores)", 1, cpu_has_bf16(), False)
+    bf16 = choose_precision("auto", REFERENCE_SHAPE, cuda=False).bf16  # measured: what `auto` will take here
+    return Device("cpu", host, host, f"cpu ({psutil.cpu_count()} cores)", 1, bf16, False)
 
 
 def planned_cuda() -> Device:

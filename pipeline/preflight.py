@@ -36,6 +36,7 @@ from pipeline.memory import (
     visible_device,
 )
 from pipeline.mlflow_run import check_mlflow
+from pipeline.precision import bf16_refusal
 from pipeline.store import StoreError, check_store, open_store
 from pipeline.tracking import missing_trackers
 
@@ -80,6 +81,7 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
         if not is_gguf(cfg.model.name_or_path):
             problems += check_weights_format(cfg)
     device = device or visible_device()  # one look at the machine: the rank checks and the memory plan share it
+    problems += check_precision(cfg, device)
     gpus = device.count if device.kind == "cuda" else 0
     problems += check_distributed(cfg.training, gpus, os.cpu_count() or 1,
                                   quantized_base=model_config is not None and "quantization_config" in model_config,
@@ -139,6 +141,14 @@ def check_qlora(qlora: bool) -> list[str]:
         return [f"training.qlora is true but bitsandbytes' nf4 round trip on this {device} is off by {error:.3g} "
                 "(a working kernel is within 0.2 on values in [-1, 1]). Set training.qlora=false"]
     return []
+
+
+def check_precision(cfg: PipelineConfig, device: Device) -> list[str]:
+    """A forced bf16 where the device that runs it has none (the fine-tune and quantize stages run on the GPU)."""
+    settings = {"training.precision": cfg.training.precision, "quantization.precision": cfg.quantization.precision}
+    refusals = (bf16_refusal(name, device.kind, device.bf16, device.name)
+                for name, setting in settings.items() if setting == "bf16")
+    return [refusal for refusal in refusals if refusal]
 
 
 def check_fused_kernels(setting: str) -> list[str]:

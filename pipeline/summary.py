@@ -50,5 +50,24 @@ class RunSummary(BaseModel):
     def metrics(self) -> dict[str, dict[str, Any]]:
         return {name: stage.metrics for name, stage in self.stages.items()}
 
+    @computed_field(description="The compute dtype each stage used (`bf16` or `fp32`) and why: the setting that "
+                                "forced it, or the probe's timing of bf16 against fp32 on the machine that ran it "
+                                "(its figures in the stage's `precision_choice`); for the evaluate stage, per model.")
+    @property
+    def precision(self) -> dict[str, Any]:
+        chosen: dict[str, Any] = {}
+        for name, stage in self.stages.items():
+            if "precision_choice" in stage.metrics:
+                choice = stage.metrics["precision_choice"]
+                chosen[name] = {"precision": choice["precision"], "reason": choice["reason"]}
+            elif "precision_reason" in stage.metrics:  # one model's scores (the baseline stage)
+                chosen[name] = {"precision": stage.metrics["precision"], "reason": stage.metrics["precision_reason"]}
+            elif isinstance(stage.metrics.get("models"), dict):
+                scored = {model: {"precision": m["precision"], "reason": m["precision_reason"]}
+                          for model, m in stage.metrics["models"].items() if "precision" in m}
+                if scored:
+                    chosen[name] = scored
+        return chosen
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)

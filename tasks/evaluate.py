@@ -21,6 +21,7 @@ from pipeline.data import IGNORE_INDEX, split_prompt, tokenize_example
 from pipeline.gguf_base import is_gguf
 from pipeline.keys import code_version
 from pipeline.output_head import selective_head
+from pipeline.precision import PrecisionChoice, choose_precision
 from pipeline.report import write_evaluation
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
@@ -235,16 +236,31 @@ def score_models(sources: dict[str, Path], tokenizer_dir: Path, rows: list[dict]
         tokenizer.pad_token = tokenizer.eos_token
     scores = {}
     for name, folder in sources.items():
-        kwargs = {} if name == "gptq" else {"dtype": torch.float32}
+        precision = scoring_precision(cfg, folder, max_length)
+        # full-precision models stay fp32 under bf16 autocast; the GPTQ model's kernel computes in the dtype it is
+        # loaded in (its checkpoint's bf16, or fp32)
+        kwargs = {"dtype": torch.float32} if name != "gptq" or not precision.bf16 else {}
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         if name == "rtn":
             rtn_quantize_(model, quant.bits, quant.group_size, quant.sym)
-        scores[name] = score_model(model, tokenizer, rows, form, cfg, max_length)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.bf16 and name != "gptq"):
+            scores[name] = score_model(model, tokenizer, rows, form, cfg, max_length)
+        scores[name] |= {"precision": precision.precision, "precision_reason": precision.reason}
         logger.info("%s: perplexity %.3f%s (%.0f s)", name, scores[name]["perplexity"],
                     f", exact match {scores[name]['exact_match']:.1f}%" if "exact_match" in scores[name] else "",
                     scores[name]["seconds"])
         del model
     return scores
+
+
+def scoring_precision(cfg: EvaluateConfig, folder: Path, max_length: int) -> PrecisionChoice:
+    """`evaluate.precision` for the model in `folder`, `auto` measured on this CPU (the stage scores on the CPU) at
+    the stage's shape: a batch of rows through the model's hidden -> intermediate projection."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    hidden = config.get("hidden_size") or 1024
+    intermediate = config.get("intermediate_size") or 4 * hidden
+    return choose_precision(cfg.precision, (cfg.batch_size * max_length, hidden, intermediate), "evaluate.precision",
+                            cuda=False)
 
 
 def score_base(run: RunContext, data: StageArtifact, base_dir: Path) -> dict[str, Any]:
@@ -254,7 +270,7 @@ def score_base(run: RunContext, data: StageArtifact, base_dir: Path) -> dict[str
     model = run.cfg.model
     determinants = {"base": {"name_or_path": model.name_or_path, "revision": model.revision,
                              "files": {k: v["sha256"] for k, v in describe_files(base_dir).items()}},
-                    "evaluate": cfg.model_dump(include={"max_samples", "max_new_tokens", "batch_size"}),
+                    "evaluate": cfg.model_dump(include={"max_samples", "max_new_tokens", "batch_size", "precision"}),
                     "max_length": run.cfg.data.max_length, "code": code_version(__name__)}
 
     def build(out_dir: Path) -> dict[str, Any]:

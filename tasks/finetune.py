@@ -24,6 +24,7 @@ from pipeline.errors import StageCheckError
 from pipeline.keys import code_version
 from pipeline.memory import peak_rss_bytes, plan_run, reset_peak_rss, resolve_batch, visible_device
 from pipeline.output_head import selective_head
+from pipeline.precision import PrecisionChoice, choose_precision, device_name
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, key_of, local_copy, run_stage
 from pipeline.store import describe_files, retrying
@@ -82,7 +83,8 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     on_gpu = torch.cuda.is_available()
     base_config = json.loads((Path(base_dir) / "config.json").read_text())
     quantized = quantization_of(base_config)
-    bf16 = uses_bf16(training.precision, on_gpu) or quantized is not None
+    precision = training_precision(training, base_config, train_set, quantized, on_gpu)
+    bf16 = precision.bf16
     # bf16 is mixed precision: bf16 arithmetic (autocast); on a GPU the frozen base is held in bf16 too, to halve
     # its memory; on a CPU it stays fp32, which costs nothing in speed there
     sharded = training.distributed in ("fsdp", "deepspeed")  # the model's parameters spread over the ranks
@@ -154,10 +156,11 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
 
     # Padding-free packing: one row per micro-batch with per-example positions; transformers derives a
     # block-diagonal causal mask from the restarting position ids, so no token attends across examples.
+    shared = shared_prefix_attention(training, model)
     collator = TokenCounter(DataCollatorWithFlattening(separator_id=-100) if training.packing
                             else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                             # Liger's fused loss never builds the full logits anyway
-                            selective_head=not fused and selective_head(model))
+                            selective_head=not fused and selective_head(model), shared_prefix=shared)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         callbacks=[ProgressLogger()] + ([sync] if sync else []) + ([RanksSaved(on_saved)] if on_saved else []),
@@ -180,9 +183,9 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-    collator.tokens = 0
+    collator.tokens = collator.shared_tokens = 0
     result = trainer.train(resume_from_checkpoint=resume)
-    train_tokens = collator.tokens
+    train_tokens, shared_tokens = collator.tokens, collator.shared_tokens
     eval_after = trainer.evaluate()["eval_loss"]
     if measured_after:
         with model.disable_adapter():
@@ -209,12 +212,15 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "eval_examples": len(eval_set),
         "trained_tokens_per_epoch": n_tokens,
         "resumed_from": Path(resume).name if resume else None,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": precision.precision,
+        "precision_choice": precision.as_metrics(),
         "method": training.method,
         "base_quantization": quantized,
         "qlora": training.qlora,
         "nf4_layers": nf4_layers,
         "packing": training.packing,
+        "shared_prefix": shared is not None,
+        "tokens_not_computed": shared_tokens,  # a shared prefix's repeats and the padding its batches did without
         "fused_kernels": fused,
         "distributed": training.distributed,
         "ranks": trainer.args.world_size,
@@ -296,20 +302,20 @@ class RanksSaved(TrainerCallback):
             self.on_saved(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
-def uses_bf16(precision: str, on_gpu: bool) -> bool:
-    """Whether to train in bf16 mixed precision: when asked, or with `auto` on a GPU and on a CPU with native bf16
-    arithmetic (AVX512-BF16 or AMX), where the default job's steps take about 0.7 of fp32's time
-    (benchmarks/RESULTS.md). Other CPUs emulate bf16, slower than fp32: they train in fp32."""
-    if precision != "auto":
-        return precision == "bf16"
-    return on_gpu or cpu_has_bf16()
-
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    native = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in native)
+def training_precision(training: TrainingConfig, base_config: dict, train_set: list[dict], quantized: str | None,
+                       on_gpu: bool) -> PrecisionChoice:
+    """The fine-tune's compute dtype: bf16 on a GPTQ base (its trainable kernel computes in bf16 or fp16, not fp32),
+    else `training.precision`, `auto` measured on this device at the stage's own shape: a micro-batch of the rows'
+    mean length through the base's widest projection (hidden -> intermediate)."""
+    if quantized:
+        return PrecisionChoice("bf16", f"the {quantized} base's trainable kernel computes in bf16",
+                               device_name(on_gpu))
+    batch = training.per_device_train_batch_size if isinstance(training.per_device_train_batch_size, int) else 1
+    mean_length = sum(len(ex["input_ids"]) for ex in train_set) / max(len(train_set), 1)
+    hidden = base_config.get("hidden_size") or base_config.get("n_embd") or 1024
+    intermediate = base_config.get("intermediate_size") or 4 * hidden
+    return choose_precision(training.precision, (max(1, round(batch * mean_length)), hidden, intermediate),
+                            cuda=on_gpu)
 
 
 def count_nf4_layers(model) -> int:
@@ -348,19 +354,83 @@ class TokenCounter:
     a labelled token in some row (`logits_to_keep`), with the matching targets as `shift_labels` for its loss: the
     prompt tokens' logits (most of a chat row, times a vocabulary of 50-150k) are never built. The loss is the same
     cross-entropy over the same tokens, normalised the same way.
+
+    With `shared_prefix` (an attention implementation whose masks are `"sdpa"` or `"eager"`), a batch whose rows all
+    start with the same tokens (a chat template's system prompt, a fixed instruction) becomes one row: that prefix
+    once, then each row's remaining tokens, with no padding, a mask that lets each row see the prefix and itself
+    (causally) and nothing else, and positions that continue after the prefix in every row. The model computes the
+    same logits for every row's tokens as from the rows themselves, from fewer tokens.
     """
 
-    def __init__(self, collate, selective_head: bool = False):
-        self.collate, self.tokens, self.selective_head = collate, 0, selective_head
+    def __init__(self, collate, selective_head: bool = False, shared_prefix: str | None = None):
+        self.collate, self.tokens, self.selective_head, self.shared_prefix = collate, 0, selective_head, shared_prefix
+        self.shared_tokens = 0  # tokens not computed: the prefix's repeats and the padding a batch would have had
 
     def __call__(self, features: list[dict]) -> dict:
         self.tokens += sum(len(f["input_ids"]) for f in features)
-        batch = self.collate(features)
+        prefix = shared_prefix_length(features) if self.shared_prefix else 0
+        if prefix:
+            batch = prefix_packed(features, prefix, self.shared_prefix)
+            self.shared_tokens += len(features) * max(len(f["input_ids"]) for f in features) - batch["labels"].numel()
+        else:
+            batch = self.collate(features)
         if self.selective_head:
             labels = batch["labels"]
             predicts = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # position p predicts p + 1
             batch["logits_to_keep"], batch["shift_labels"] = predicts, labels[:, predicts + 1].contiguous()
         return batch
+
+
+MIN_SHARED_PREFIX = 4  # a shorter common prefix saves less than the denser attention mask costs
+
+
+def shared_prefix_length(features: list[dict]) -> int:
+    """How many leading tokens every row shares and may be computed once: the common prefix of the rows' input ids,
+    ending before the position that predicts any row's first labelled token (so every prediction is made in the
+    rows' own part), leaving each row at least one token. 0 when that is under MIN_SHARED_PREFIX or for one row."""
+    if len(features) < 2:
+        return 0
+    first = features[0]["input_ids"]
+    limit = min(len(f["input_ids"]) - 1 for f in features)
+    for f in features:
+        labelled = next((i for i, label in enumerate(f["labels"]) if label != -100), len(f["labels"]))
+        limit = min(limit, labelled - 1)
+    common = 0
+    while common < limit and all(f["input_ids"][common] == first[common] for f in features):
+        common += 1
+    return common if common >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_packed(features: list[dict], prefix: int, attention: str) -> dict:
+    """The rows as one: `prefix` shared tokens, then each row's rest; labels in the same layout (the tokens at a
+    boundary are never labelled: see `shared_prefix_length`), positions restarting after the prefix for each row,
+    and a (1, 1, T, T) mask, boolean for SDPA, additive for eager attention."""
+    import torch
+
+    ids, labels = list(features[0]["input_ids"][:prefix]), [-100] * prefix
+    positions, segments = list(range(prefix)), [0] * prefix
+    for number, f in enumerate(features, start=1):
+        rest = f["input_ids"][prefix:]
+        ids += rest
+        labels += f["labels"][prefix:]
+        positions += range(prefix, prefix + len(rest))
+        segments += [number] * len(rest)
+    segment = torch.tensor(segments)
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    visible = causal & ((segment[:, None] == segment[None, :]) | (segment[None, :] == 0))
+    mask = visible if attention == "sdpa" else torch.zeros(visible.shape).masked_fill(~visible, torch.finfo().min)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "attention_mask": mask[None, None]}
+
+
+def shared_prefix_attention(training: TrainingConfig, model) -> str | None:
+    """The attention implementation a prefix-sharing batch's mask is built for, or None where batches are not
+    shared: `training.shared_prefix` off, packing (its own padding-free layout), prompt tuning (its virtual tokens go
+    before the prefix), or attention without a custom mask (flash-attention kernels)."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if not training.shared_prefix or training.packing or training.method != "lora" or attention not in ("sdpa", "eager"):
+        return None
+    return attention
 
 
 def fused_kernels_available(setting: str, on_gpu: bool) -> bool:

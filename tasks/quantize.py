@@ -20,8 +20,9 @@ from typing import Any
 from pipeline.config import QuantizationConfig
 from pipeline.data import read_calibration, render_text
 from pipeline.errors import StageCheckError
-from pipeline.gptq_checkpoint import edit_quantization_config
+from pipeline.gptq_checkpoint import edit_quantization_config, store_float_tensors_in_bf16
 from pipeline.keys import code_version, stage_key
+from pipeline.precision import PrecisionChoice, choose_precision
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
 from tasks.data import read_data
@@ -60,12 +61,14 @@ def quantize_model(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, c
     ship the merged model's generation config, check the layout, reload with transformers and generate."""
     from transformers import GenerationConfig
 
+    precision = calibration_precision(quant, Path(merged_dir))
     if quant.method == "autoround":
         from pipeline.autoround import quantize_autoround
 
-        info = quantize_autoround(merged_dir, out_dir, quant, calibration, seed)
+        info = quantize_autoround(merged_dir, out_dir, quant, calibration, seed, bf16=precision.bf16)
     else:
-        info = quantize_gptq(merged_dir, out_dir, quant, calibration)
+        info = quantize_gptq(merged_dir, out_dir, quant, calibration, bf16=precision.bf16)
+    info |= {"precision": precision.precision, "precision_choice": precision.as_metrics()}
     # the quantizers' saved generation_config may turn sampling on; ship the merged model's, as trained.
     if (Path(merged_dir) / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(merged_dir).save_pretrained(out_dir)
@@ -74,10 +77,23 @@ def quantize_model(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, c
     return {**layout, **smoke, **info}
 
 
-def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
-                  calibration: list[list[int]]) -> dict[str, Any]:
-    """GPTQ-quantize `merged_dir` on `calibration` (token ids) and write a GPTQ v1 checkpoint to `out_dir`; returns
-    what the stage records about the calibration."""
+def calibration_precision(quant: QuantizationConfig, merged_dir: Path) -> PrecisionChoice:
+    """`quantization.precision`, `auto` measured on this device at the stage's shape: a calibration batch through the
+    model's hidden -> intermediate projection. gptqmodel and AutoRound both default to bf16 on every CPU, which on a
+    CPU without fast bf16 runs the calibration forwards several times slower than fp32."""
+    config = json.loads((merged_dir / "config.json").read_text())
+    hidden = config.get("hidden_size") or 1024
+    intermediate = config.get("intermediate_size") or 4 * hidden
+    tokens = quant.calibration.batch_size * quant.calibration.max_length
+    return choose_precision(quant.precision, (tokens, hidden, intermediate), "quantization.precision")
+
+
+def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[list[int]],
+                  bf16: bool = True) -> dict[str, Any]:
+    """GPTQ-quantize `merged_dir` on `calibration` (token ids), computing in bf16 or fp32, and write a GPTQ v1
+    checkpoint to `out_dir` (stored in bf16 either way, as gptqmodel stores a bf16 run); returns what the stage records about the calibration."""
+    import torch
+
     # gptqmodel 7.6.0 sizes its CPU worker pools from the core count and, on <= 2 cores, fails with "Virtual pool
     # 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1" unless this is set.
     if (os.cpu_count() or 1) <= 2:
@@ -97,11 +113,13 @@ def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig,
         calibration = rectangular_batches(calibration, quant.calibration.batch_size)
         logger.info("GPTAQ needs unpadded batches: each batch of %d cut to its shortest sample, %d of %d tokens kept",
                     quant.calibration.batch_size, sum(map(len, calibration)), tokens)
-    model = GPTQModel.load(str(merged_dir), config)
+    model = GPTQModel.load(str(merged_dir), config, dtype=torch.bfloat16 if bf16 else torch.float32)
     with _gptq_logs_into(Path(out_dir) / "gptq_logs"):
         model.quantize(calibration, batch_size=quant.calibration.batch_size, calibration_sort="desc")
     model.save(str(out_dir))
     del model
+    if not bf16:  # stored as a bf16 calibration stores it (what vLLM and the model card expect)
+        store_float_tensors_in_bf16(Path(out_dir))
     drop_machine_paths(Path(out_dir))
     return {"algorithm": "gptq", "calibration_samples": len(calibration),
             "calibration_tokens": sum(map(len, calibration)), "calibration_tokens_given": tokens}

@@ -35,3 +35,17 @@ def test_nothing_outside_flows_imports_prefect():
               + "".join(f"import {m}\n" for m in modules))
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_building_blocks_never_import_the_stages_or_the_flow():
+    """pipeline/ is what tasks/ and flows/ are built on: an import the other way round makes the floors circular."""
+    import ast
+
+    upward = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            upward += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}" for name in names
+                       if name.split(".")[0] in ("tasks", "flows")]
+    assert not upward, upward

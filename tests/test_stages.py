@@ -12,7 +12,7 @@ from pipeline.data import load_dataset, read_dataset
 from pipeline.run import open_run
 from pipeline.store import read_manifest, sha256_file
 from tasks.data import prepare_data
-from tasks.finetune import finetune, train_lora
+from tasks.finetune import MIN_SHARED_PREFIX, finetune, train_lora
 from tasks.merge import merge
 from tasks.quantize import quantize
 
@@ -211,9 +211,6 @@ def test_bf16_on_cpu_is_mixed_precision_with_fp32_weights(cfg, dataset, tiny_bas
     fp32, and its losses are near, not equal to, an fp32 run's (so the arithmetic really changed)."""
     from safetensors.torch import load_file
 
-    from tasks.finetune import uses_bf16
-
-    assert uses_bf16("bf16", on_gpu=False) and not uses_bf16("fp32", on_gpu=True) and uses_bf16("auto", on_gpu=True)
     steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1})
     losses = {}
     for precision in ("fp32", "bf16"):
@@ -221,6 +218,7 @@ def test_bf16_on_cpu_is_mixed_precision_with_fp32_weights(cfg, dataset, tiny_bas
         metrics = train_lora(tiny_base, dataset, cfg.data.max_length, cfg.lora,
                              steps.model_copy(update={"precision": precision}), out, tmp_path / f"ckpt-{precision}")
         assert metrics["precision"] == precision and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+        assert metrics["precision_choice"]["reason"] == f"training.precision={precision}"
         assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.float32}
         losses[precision] = [e["loss"] for e in json.loads((out / "training_log.json").read_text())]
     assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
@@ -242,6 +240,46 @@ def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, dataset, t
     assert packed["packing"] and packed["train_tokens"] == padded["train_tokens"] > 0
     assert len(packed_losses) == 4 and packed_losses == pytest.approx(padded_losses, rel=1e-5)
     assert packed["eval_loss_after"] == pytest.approx(padded["eval_loss_after"], rel=1e-5)
+
+
+def test_a_shared_prefix_is_computed_once_per_batch_with_the_same_losses_and_adapter(cfg, dataset, tiny_base, tmp_path):
+    """The chat template's system prompt that every row starts with runs once per micro-batch: per-step losses, eval
+    loss and the trained adapter are those of full rows (fp32), and the metrics count the tokens not recomputed."""
+    from safetensors.torch import load_file
+
+    no_dropout = cfg.lora.model_copy(update={"lora_dropout": 0.0})
+    steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4,
+                                            "precision": "fp32"})
+    runs = {}
+    for shared in (False, True):
+        out = tmp_path / f"shared-{shared}"
+        metrics = train_lora(tiny_base, dataset, cfg.data.max_length, no_dropout,
+                             steps.model_copy(update={"shared_prefix": shared}), out, tmp_path / f"ckpt-{shared}")
+        runs[shared] = (metrics, [e["loss"] for e in json.loads((out / "training_log.json").read_text())],
+                        load_file(out / "adapter_model.safetensors"))
+    (full, full_losses, full_adapter), (shared, shared_losses, shared_adapter) = runs[False], runs[True]
+    assert not full["shared_prefix"] and full["tokens_not_computed"] == 0
+    # 4 steps of 4 rows: each batch's common prefix (at least the system prompt) not recomputed for 3 of its 4 rows
+    assert shared["shared_prefix"] and shared["tokens_not_computed"] >= 4 * 3 * MIN_SHARED_PREFIX
+    assert shared["train_tokens"] == full["train_tokens"]
+    assert len(shared_losses) == 4 and shared_losses == pytest.approx(full_losses, rel=1e-5)
+    assert shared["eval_loss_after"] == pytest.approx(full["eval_loss_after"], rel=1e-5)
+    assert shared_adapter.keys() == full_adapter.keys()
+    for name, tensor in full_adapter.items():
+        torch.testing.assert_close(shared_adapter[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_the_shared_prefix_ends_before_any_labelled_prediction():
+    from tasks.finetune import shared_prefix_length
+
+    rows = [{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8], "labels": [-100] * 6 + [7, 8]},
+            {"input_ids": [1, 2, 3, 4, 5, 6, 9], "labels": [-100] * 5 + [6, 9]}]
+    assert shared_prefix_length(rows) == 4  # the second row's label at 5 is predicted from position 4
+    rows[1]["labels"] = [-100] * 6 + [9]
+    assert shared_prefix_length(rows) == 5  # ids differ at 6; position 5 predicts the first label
+    assert shared_prefix_length(rows[:1]) == 0  # one row shares with nobody
+    rows[1]["input_ids"][2] = 0
+    assert shared_prefix_length(rows) == 0  # two common tokens are under MIN_SHARED_PREFIX
 
 
 @pytest.mark.parametrize("packing", [False, True])
