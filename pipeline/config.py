@@ -248,8 +248,11 @@ class EvaluateConfig(_Section):
 class ServingConfig(_Section):
     """The serve check: the quantized model loaded by vLLM (in its own environment) answering the eval prompts."""
 
-    check: bool = Field(default=True, description="Load the quantized model in vLLM and answer the eval prompts "
-                        "greedily before release; false for machines without vLLM (the report says it was not checked).")
+    check: bool | Literal["auto"] = Field(
+        default="auto", description="Load the quantized model in vLLM and answer the eval prompts greedily before "
+                                    "release. auto: wherever vLLM can serve int4 here (a GPU; a CPU with AVX512 for "
+                                    "the CPU build), else recorded as not checked, with why; true: refused by "
+                                    "preflight where it cannot; false: never (the report says it was not checked).")
     on_error: Literal["fail", "skip"] = Field(
         default="fail", description="When vLLM's environment cannot be built or vLLM crashes mid-check: fail the "
                                     "stage (exit 1), or skip the check and say so in the report (retried next run). "

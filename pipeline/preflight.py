@@ -39,6 +39,7 @@ from pipeline.mlflow_run import check_mlflow
 from pipeline.precision import bf16_refusal
 from pipeline.store import StoreError, check_store, open_store
 from pipeline.tracking import missing_trackers
+from pipeline.vllm_env import cannot_check_here
 
 logger = logging.getLogger(__name__)
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
@@ -82,6 +83,7 @@ def preflight(cfg: PipelineConfig, device: Device | None = None) -> Checked:
             problems += check_weights_format(cfg)
     device = device or visible_device()  # one look at the machine: the rank checks and the memory plan share it
     problems += check_precision(cfg, device)
+    problems += check_serving(cfg)
     gpus = device.count if device.kind == "cuda" else 0
     problems += check_distributed(cfg.training, gpus, os.cpu_count() or 1,
                                   quantized_base=model_config is not None and "quantization_config" in model_config,
@@ -149,6 +151,16 @@ def check_precision(cfg: PipelineConfig, device: Device) -> list[str]:
     refusals = (bf16_refusal(name, device.kind, device.bf16, device.name)
                 for name, setting in settings.items() if setting == "bf16")
     return [refusal for refusal in refusals if refusal]
+
+
+def check_serving(cfg: PipelineConfig) -> list[str]:
+    """serving.check=true where vLLM cannot serve the int4 model on this machine: refused now, not after the
+    fine-tune and quantize stages have run."""
+    served = cfg.serving.check is True and cfg.training.method == "lora"  # vLLM does not serve prompt tuning
+    why = cannot_check_here(cfg.serving) if served else None
+    return [f"serving.check is true but {why}. Set serving.check=auto (checked wherever vLLM can serve int4, recorded "
+            "as not checked elsewhere), or serving.python to an interpreter whose vLLM has the kernel, or run on a "
+            "GPU or an AVX512 CPU"] if why else []
 
 
 def check_fused_kernels(setting: str) -> list[str]:

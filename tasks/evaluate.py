@@ -24,6 +24,7 @@ from pipeline.output_head import selective_head
 from pipeline.precision import PrecisionChoice, choose_precision
 from pipeline.report import write_evaluation
 from pipeline.run import RunContext
+from pipeline.shared_prefix import shared_prefix_length
 from pipeline.stage import StageArtifact, local_copy, run_stage
 from pipeline.store import describe_files
 from tasks.data import read_data
@@ -63,8 +64,11 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
             n = len(e["input_ids"])
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
         predicts = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # position p predicts p + 1
+        prefix = shared_prefix_length(batch) if selective and not virtual else 0
         with torch.no_grad():
-            if selective:
+            if prefix:  # the rows' common prefix (a chat template's system prompt) once, its keys and values shared
+                logits = after_shared_prefix(model, ids, mask, prefix, predicts).float()
+            elif selective:
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=predicts).logits.float()
             else:  # a prompt-tuned model's logits start with its virtual tokens'
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, virtual:][:, predicts].float()
@@ -78,6 +82,21 @@ def teacher_forced(model, examples: list[dict[str, list[int]]],
         for i, row, e in zip(indices, best, batch, strict=True):
             predicted[i] = {p: row[k] for k, p in enumerate(positions) if p + 1 < len(e["input_ids"])}
     return math.exp(total / count), predicted
+
+
+def after_shared_prefix(model, ids, mask, prefix: int, predicts):
+    """The logits at `predicts` of right-padded rows `ids` that share their first `prefix` tokens: the prefix runs
+    once, its cache is repeated for every row, and the rows' own tokens run on top of it (the same logits as the full
+    rows': causal attention never lets the prefix see what follows)."""
+    import torch
+
+    rows = ids.shape[0]
+    cache = model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(rows)
+    width = ids.shape[1] - prefix
+    positions = torch.arange(prefix, prefix + width).expand(rows, width)
+    return model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, cache=cache,
+                 use_cache=True, logits_to_keep=predicts - prefix).logits
 
 
 def virtual_tokens(model) -> int:

@@ -26,6 +26,7 @@ from pipeline.memory import peak_rss_bytes, plan_run, reset_peak_rss, resolve_ba
 from pipeline.output_head import selective_head
 from pipeline.precision import PrecisionChoice, choose_precision, device_name
 from pipeline.run import RunContext
+from pipeline.shared_prefix import prefix_packed, shared_prefix_length
 from pipeline.stage import StageArtifact, key_of, local_copy, run_stage
 from pipeline.store import describe_files, retrying
 from pipeline.tracking import TENSORBOARD_DIR, finish_trackers, trainer_report_to, write_tensorboard
@@ -379,48 +380,6 @@ class TokenCounter:
             predicts = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # position p predicts p + 1
             batch["logits_to_keep"], batch["shift_labels"] = predicts, labels[:, predicts + 1].contiguous()
         return batch
-
-
-MIN_SHARED_PREFIX = 4  # a shorter common prefix saves less than the denser attention mask costs
-
-
-def shared_prefix_length(features: list[dict]) -> int:
-    """How many leading tokens every row shares and may be computed once: the common prefix of the rows' input ids,
-    ending before the position that predicts any row's first labelled token (so every prediction is made in the
-    rows' own part), leaving each row at least one token. 0 when that is under MIN_SHARED_PREFIX or for one row."""
-    if len(features) < 2:
-        return 0
-    first = features[0]["input_ids"]
-    limit = min(len(f["input_ids"]) - 1 for f in features)
-    for f in features:
-        labelled = next((i for i, label in enumerate(f["labels"]) if label != -100), len(f["labels"]))
-        limit = min(limit, labelled - 1)
-    common = 0
-    while common < limit and all(f["input_ids"][common] == first[common] for f in features):
-        common += 1
-    return common if common >= MIN_SHARED_PREFIX else 0
-
-
-def prefix_packed(features: list[dict], prefix: int, attention: str) -> dict:
-    """The rows as one: `prefix` shared tokens, then each row's rest; labels in the same layout (the tokens at a
-    boundary are never labelled: see `shared_prefix_length`), positions restarting after the prefix for each row,
-    and a (1, 1, T, T) mask, boolean for SDPA, additive for eager attention."""
-    import torch
-
-    ids, labels = list(features[0]["input_ids"][:prefix]), [-100] * prefix
-    positions, segments = list(range(prefix)), [0] * prefix
-    for number, f in enumerate(features, start=1):
-        rest = f["input_ids"][prefix:]
-        ids += rest
-        labels += f["labels"][prefix:]
-        positions += range(prefix, prefix + len(rest))
-        segments += [number] * len(rest)
-    segment = torch.tensor(segments)
-    causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
-    visible = causal & ((segment[:, None] == segment[None, :]) | (segment[None, :] == 0))
-    mask = visible if attention == "sdpa" else torch.zeros(visible.shape).masked_fill(~visible, torch.finfo().min)
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]), "attention_mask": mask[None, None]}
 
 
 def shared_prefix_attention(training: TrainingConfig, model) -> str | None:

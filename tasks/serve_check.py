@@ -42,9 +42,11 @@ from pipeline.store import describe_files
 from pipeline.vllm_env import (
     VllmUnavailable,
     build_in_background,
-    default_requirement,
+    cannot_check_here,
     interpreter_env,
+    requirement_for,
     vllm_python,
+    will_check,
 )
 from tasks.data import read_data
 
@@ -135,20 +137,11 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("answers", "traceback")}
 
 
-def requirement_for(serving: ServingConfig) -> str:
-    """The pip requirement of vLLM's environment: `serving.vllm`, where `auto` means the CPU or the CUDA build."""
-    if serving.vllm != "auto":
-        return serving.vllm
-    import torch
-
-    return default_requirement(torch.cuda.is_available())
-
-
 def prepare(run: RunContext) -> None:
     """At the start of a run: if the check will need vLLM's environment (a LoRA adapter or a merged model: vLLM does
     not serve prompt tuning) and this machine has none yet, start building it now, beside the fine-tune, rather
     than when the serve stage begins."""
-    if run.cfg.serving.check and not run.cfg.serving.python and run.cfg.training.method == "lora":
+    if will_check(run.cfg.serving) and not run.cfg.serving.python and run.cfg.training.method == "lora":
         build_in_background(requirement_for(run.cfg.serving), run.cfg.serving.pip_args, run.cfg.serving.timeout_s)
 
 
@@ -217,6 +210,10 @@ def checked_stage(run: RunContext, determinants: dict[str, Any], inputs: dict[st
 def check_in_vllm(run: RunContext, data: StageArtifact, model_dir: Path, label: str, requirement: str, cuda: bool,
                   out_dir: Path, lora: Path | None = None) -> dict[str, Any]:
     cfg = run.cfg.serving
+    if cfg.check == "auto" and (why := cannot_check_here(cfg)):
+        logger.warning("serve: not checked in vLLM on this machine (serving.check: auto): %s", why)
+        # retried by the next run, which may be on a machine that can serve it
+        return {"checked": False, "reason": f"not checked on this machine: {why}", "retry": True}
     started = time.perf_counter()
     check_model_folder(model_dir)
     dataset = read_data(run, data)

@@ -106,3 +106,15 @@ def s3_env(s3, monkeypatch):
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
     return s3.env()
+
+
+def _vllm_int4_missing() -> str | None:
+    import torch
+
+    from pipeline.vllm_env import VLLM_CPU, int4_kernel_missing
+
+    return int4_kernel_missing(VLLM_CPU, torch.cuda.is_available())
+
+
+# vLLM's CPU build serves int4 only on AVX512 CPUs: the tests that serve a GPTQ model skip elsewhere, saying why
+needs_vllm_int4 = pytest.mark.skipif(_vllm_int4_missing() is not None, reason=f"{_vllm_int4_missing()}")

@@ -178,3 +178,29 @@ def test_the_gate_refuses_a_model_vllm_serves_worse_or_cannot_load_and_says_what
     assert check_gate({"models": MODELS, "serving": off}, gate) == []
     assert check_gate({"models": MODELS, "serving": served | {"exact_match": 0.0}},
                       GateConfig(max_ppl_increase=0.25, max_serving_gap=None)) == []
+
+
+def test_scoring_runs_the_rows_shared_prefix_once_with_the_full_rows_logits(tiny, smoke_eval):
+    """The chat template's system prompt every eval row starts with runs once per batch, its cache repeated: the
+    logits where the loss is taken are those of the full, right-padded rows."""
+    from pipeline.shared_prefix import shared_prefix_length
+    from tasks.evaluate import after_shared_prefix
+
+    model, tokenizer = tiny
+    rows, form = smoke_eval
+    examples = [tokenize_example(r, form, tokenizer, 128) for r in rows]
+    prefix = shared_prefix_length(examples)
+    assert prefix >= 4  # the template's system prompt
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    predicts = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits[:, predicts]
+        shared = after_shared_prefix(model, ids, mask, prefix, predicts)
+    assert shared.shape == full.shape
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)

@@ -19,7 +19,7 @@ import memory_plan  # noqa: E402  (the benchmark's configs and measurement: one 
 
 
 def test_plan_json_has_every_stage_and_writes_nothing(tmp_path):
-    result = run_cli("--config", "smoke", "--store", str(tmp_path / "s"), "--set", "serving.check=true", "--plan", "--json")
+    result = run_cli("--config", "smoke", "--store", str(tmp_path / "s"), "--set", "serving.check=auto", "--plan", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["device"]["kind"] in ("cpu", "cuda")

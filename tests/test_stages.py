@@ -10,9 +10,10 @@ from safetensors import safe_open
 from pipeline.config import load_config
 from pipeline.data import load_dataset, read_dataset
 from pipeline.run import open_run
+from pipeline.shared_prefix import MIN_SHARED_PREFIX
 from pipeline.store import read_manifest, sha256_file
 from tasks.data import prepare_data
-from tasks.finetune import MIN_SHARED_PREFIX, finetune, train_lora
+from tasks.finetune import finetune, train_lora
 from tasks.merge import merge
 from tasks.quantize import quantize
 
@@ -270,7 +271,7 @@ def test_a_shared_prefix_is_computed_once_per_batch_with_the_same_losses_and_ada
 
 
 def test_the_shared_prefix_ends_before_any_labelled_prediction():
-    from tasks.finetune import shared_prefix_length
+    from pipeline.shared_prefix import shared_prefix_length
 
     rows = [{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8], "labels": [-100] * 6 + [7, 8]},
             {"input_ids": [1, 2, 3, 4, 5, 6, 9], "labels": [-100] * 5 + [6, 9]}]
