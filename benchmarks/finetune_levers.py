@@ -28,7 +28,7 @@ LEVERS = {
     "dataloader worker": {"trainer": {"dataloader_num_workers": 1}},
     "length-grouped batches": {"trainer": {"train_sampling_strategy": "group_by_length"}},
     "selective head": {"collator": {"selective_head": True}},
-    "shared prefix + selective head": {"collator": {"selective_head": True, "shared_prefix": "sdpa"}},
+    "shared prefix + selective head": {"collator": {"selective_head": True, "shared_prefix": "sdpa"}},  # see one_run
 }
 
 
@@ -40,6 +40,7 @@ def one_run(lever: str, steps: int) -> dict:
     from pipeline.base_model import resolve_model_dir
     from pipeline.config import load_config
     from pipeline.data import read_dataset, tokenize_example
+    from pipeline.shared_prefix import PrefixSharing
     from tasks.finetune import TokenCounter
 
     cfg = load_config("default")
@@ -51,8 +52,10 @@ def one_run(lever: str, steps: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-    collator = TokenCounter(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                            **LEVERS[lever].get("collator", {}))
+    options = dict(LEVERS[lever].get("collator", {}))
+    if "shared_prefix" in options:
+        options["shared_prefix"] = PrefixSharing.for_model(options["shared_prefix"], model.config)
+    collator = TokenCounter(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), **options)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, learning_rate=training.learning_rate,
                                  per_device_train_batch_size=training.per_device_train_batch_size,

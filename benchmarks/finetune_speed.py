@@ -104,8 +104,8 @@ def one_arm(arm: str, config: str, steps: int, overrides: list[str]) -> dict:
 
         # the precision the pipeline's probe picks here: the baseline gets this machine's best arithmetic too
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        rows = [tokenize_example(r, "chat" if "messages" in r else "text", tokenizer, cfg.data.max_length)
-                for r in read_dataset(cfg.data).train[:256]]
+        dataset = read_dataset(cfg.data)
+        rows = [tokenize_example(r, dataset.form, tokenizer, cfg.data.max_length) for r in dataset.train]
         import torch
 
         on_gpu = torch.cuda.is_available()

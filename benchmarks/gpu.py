@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from finetune_speed import baseline_finetune, project_finetune  # noqa: E402  (one harness for CPU and GPU)
 from window_ppl import sample, spread, token_windows, window_perplexity  # noqa: E402
 
 logger = logging.getLogger("gpu")
@@ -94,52 +95,6 @@ def build_model(shape: str, tokenizer_dir: Path, out_dir: Path, device: str) -> 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def baseline_finetune(base_dir: Path, data, lora, training) -> dict:
-    """Plain transformers Trainer + peft LoRA as a user writes it: padded batches, same rows, same settings."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    from pipeline.data import read_dataset, tokenize_example
-    from tasks.finetune import TokenCounter
-
-    torch.manual_seed(training.seed)
-    on_gpu = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    dataset = read_dataset(data)
-    train_set = [tokenize_example(r, dataset.form, tokenizer, data.max_length) for r in dataset.train]
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if on_gpu else torch.float32)
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-    collator = TokenCounter(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, max_steps=training.max_steps, learning_rate=training.learning_rate,
-                                 per_device_train_batch_size=training.per_device_train_batch_size,
-                                 warmup_steps=training.warmup_steps, lr_scheduler_type=training.lr_scheduler_type,
-                                 logging_steps=1, save_strategy="no", bf16=on_gpu, seed=training.seed,
-                                 data_seed=training.seed, report_to=[], disable_tqdm=True, use_cpu=not on_gpu)
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator)
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        result = trainer.train()
-    seconds = result.metrics["train_runtime"]
-    return {"train_seconds": seconds, "train_tokens": collator.tokens, "tokens_per_second": collator.tokens / seconds,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
-
-
-def project_finetune(base_dir: Path, data, lora, training, out_dir: Path) -> dict:
-    """This project's fine-tune function (tasks.finetune.train_lora), no store, no Prefect."""
-    from pipeline.data import read_dataset
-    from tasks.finetune import train_lora
-
-    metrics = train_lora(base_dir, read_dataset(data), data.max_length, lora, training, out_dir,
-                         out_dir.with_name(out_dir.name + "-checkpoints"))
-    losses = [e["loss"] for e in json.loads((out_dir / "training_log.json").read_text())]
-    return {**metrics, "losses": losses}
 
 
 def project_quantize(merged_dir: Path, out_dir: Path, quant, calibration, windows) -> dict:

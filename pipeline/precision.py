@@ -29,6 +29,7 @@ NOISE = 0.10  # bf16 must take under 90% of fp32's time: repeated probes on one 
 PROBE_BUDGET_S = 0.5  # rounds stop once both dtypes have had this long (after MIN_ROUNDS)
 MIN_ROUNDS, MAX_ROUNDS = 3, 9
 REFERENCE_SHAPE = (640, 576, 1536)  # the default job's fine-tune: 8 rows of ~80 tokens through 576 -> 1536
+MAX_PROBE_TOKENS = 512  # past a few hundred rows a matmul's speed per dtype no longer changes; the probe stays short
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,12 @@ def choose_precision(setting: str, shape: tuple[int, int, int], setting_name: st
 
 
 def probe_cpu(shape: tuple[int, int, int]) -> PrecisionChoice:
-    """Time `shape` on this CPU in fp32 and under bf16 autocast, or read the verdict a probe cached for this machine.
-    A probe that cannot run leaves fp32, with one warning."""
+    """Time `shape` (its tokens capped at MAX_PROBE_TOKENS) on this CPU in fp32 and under bf16 autocast, or read the
+    verdict a probe cached for this machine. A probe that cannot run leaves fp32, with one warning."""
     import torch
 
     device = device_name(False)
+    shape = (min(shape[0], MAX_PROBE_TOKENS), shape[1], shape[2])  # what is timed, and so what the verdict is for
     identity = {"cpu": cpu_identity(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "shape": list(shape), "noise": NOISE}
     path = cache_root() / "precision" / (hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
@@ -108,10 +110,11 @@ def probe_cpu(shape: tuple[int, int, int]) -> PrecisionChoice:
 
 def time_matmuls(shape: tuple[int, int, int]) -> tuple[float, float]:
     """Median milliseconds of `x @ w.T` for x (tokens, in) and w (out, in) in fp32, and under bf16 autocast over the
-    same fp32 tensors (the cast included, as autocast does it in a stage), rounds alternating between the two."""
+    same fp32 tensors (the cast included, as autocast does it in a stage), rounds alternating between the two.
+    Tokens are capped at MAX_PROBE_TOKENS: a stage's batch of thousands would cost seconds to say the same."""
     import torch
 
-    tokens, in_features, out_features = shape
+    tokens, in_features, out_features = min(shape[0], MAX_PROBE_TOKENS), shape[1], shape[2]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, in_features, generator=generator)
     w = torch.randn(out_features, in_features, generator=generator)

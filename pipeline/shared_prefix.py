@@ -5,6 +5,8 @@ on its own: causal attention never lets a prefix token see what follows it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 MIN_SHARED_PREFIX = 4  # a shorter common prefix saves less than the denser attention mask costs
 
 
@@ -45,3 +47,29 @@ def prefix_packed(features: list[dict], prefix: int, attention: str) -> dict:
     mask = visible if attention == "sdpa" else torch.zeros(visible.shape).masked_fill(~visible, torch.finfo().min)
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "attention_mask": mask[None, None]}
+
+
+@dataclass(frozen=True)
+class PrefixSharing:
+    """How the fine-tune's collator shares a prefix: the mask it builds (`attention`: "sdpa" boolean, "eager"
+    additive) and what one attention pair costs against one token through a layer's linear layers (`pair_cost`),
+    to share only where the one long row computes less than the padded rows."""
+
+    attention: str
+    pair_cost: float
+
+    @classmethod
+    def for_model(cls, attention: str, config) -> PrefixSharing:
+        """A layer's linear work per token, 2 x (4 h^2 + 3 h i) FLOPs, against 4 h per attention pair (scores and
+        values)."""
+        hidden = config.hidden_size
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+        return cls(attention, 4 * hidden / (2 * (4 * hidden * hidden + 3 * hidden * intermediate)))
+
+    def pays(self, features: list[dict], prefix: int) -> bool:
+        """Whether the packed row (every token once, all pairs of one mask) costs less than the padded batch (the
+        longest row's width for every row): for short rows the tokens saved win, for long ones the quadratic mask
+        loses."""
+        width = max(len(f["input_ids"]) for f in features)
+        packed = prefix + sum(len(f["input_ids"]) - prefix for f in features)
+        return packed + self.pair_cost * packed ** 2 < len(features) * (width + self.pair_cost * width ** 2)

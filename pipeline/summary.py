@@ -57,6 +57,8 @@ class RunSummary(BaseModel):
     def precision(self) -> dict[str, Any]:
         chosen: dict[str, Any] = {}
         for name, stage in self.stages.items():
+            if name == "release":  # it republishes the evaluation's figures
+                continue
             if "precision_choice" in stage.metrics:
                 choice = stage.metrics["precision_choice"]
                 chosen[name] = {"precision": choice["precision"], "reason": choice["reason"]}

@@ -26,7 +26,7 @@ from pipeline.memory import peak_rss_bytes, plan_run, reset_peak_rss, resolve_ba
 from pipeline.output_head import selective_head
 from pipeline.precision import PrecisionChoice, choose_precision, device_name
 from pipeline.run import RunContext
-from pipeline.shared_prefix import prefix_packed, shared_prefix_length
+from pipeline.shared_prefix import PrefixSharing, prefix_packed, shared_prefix_length
 from pipeline.stage import StageArtifact, key_of, local_copy, run_stage
 from pipeline.store import describe_files, retrying
 from pipeline.tracking import TENSORBOARD_DIR, finish_trackers, trainer_report_to, write_tensorboard
@@ -157,7 +157,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
 
     # Padding-free packing: one row per micro-batch with per-example positions; transformers derives a
     # block-diagonal causal mask from the restarting position ids, so no token attends across examples.
-    shared = shared_prefix_attention(training, model)
+    shared = prefix_sharing(training, model)
     collator = TokenCounter(DataCollatorWithFlattening(separator_id=-100) if training.packing
                             else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                             # Liger's fused loss never builds the full logits anyway
@@ -356,22 +356,22 @@ class TokenCounter:
     prompt tokens' logits (most of a chat row, times a vocabulary of 50-150k) are never built. The loss is the same
     cross-entropy over the same tokens, normalised the same way.
 
-    With `shared_prefix` (an attention implementation whose masks are `"sdpa"` or `"eager"`), a batch whose rows all
-    start with the same tokens (a chat template's system prompt, a fixed instruction) becomes one row: that prefix
-    once, then each row's remaining tokens, with no padding, a mask that lets each row see the prefix and itself
-    (causally) and nothing else, and positions that continue after the prefix in every row. The model computes the
-    same logits for every row's tokens as from the rows themselves, from fewer tokens.
+    With `shared_prefix`, a batch whose rows all start with the same tokens (a chat template's system prompt, a fixed
+    instruction) becomes one row where that computes less: that prefix once, then each row's remaining tokens, with
+    no padding, a mask that lets each row see the prefix and itself (causally) and nothing else, and positions that
+    continue after the prefix in every row. The model computes the same logits for every row's tokens as from the
+    rows themselves, from fewer tokens.
     """
 
-    def __init__(self, collate, selective_head: bool = False, shared_prefix: str | None = None):
+    def __init__(self, collate, selective_head: bool = False, shared_prefix: PrefixSharing | None = None):
         self.collate, self.tokens, self.selective_head, self.shared_prefix = collate, 0, selective_head, shared_prefix
         self.shared_tokens = 0  # tokens not computed: the prefix's repeats and the padding a batch would have had
 
     def __call__(self, features: list[dict]) -> dict:
         self.tokens += sum(len(f["input_ids"]) for f in features)
         prefix = shared_prefix_length(features) if self.shared_prefix else 0
-        if prefix:
-            batch = prefix_packed(features, prefix, self.shared_prefix)
+        if prefix and self.shared_prefix.pays(features, prefix):
+            batch = prefix_packed(features, prefix, self.shared_prefix.attention)
             self.shared_tokens += len(features) * max(len(f["input_ids"]) for f in features) - batch["labels"].numel()
         else:
             batch = self.collate(features)
@@ -382,14 +382,14 @@ class TokenCounter:
         return batch
 
 
-def shared_prefix_attention(training: TrainingConfig, model) -> str | None:
-    """The attention implementation a prefix-sharing batch's mask is built for, or None where batches are not
-    shared: `training.shared_prefix` off, packing (its own padding-free layout), prompt tuning (its virtual tokens go
-    before the prefix), or attention without a custom mask (flash-attention kernels)."""
+def prefix_sharing(training: TrainingConfig, model) -> PrefixSharing | None:
+    """How batches share their prefix for this model, or None where they are not shared: `training.shared_prefix`
+    off, packing (its own padding-free layout), prompt tuning (its virtual tokens go before the prefix), or attention
+    without a custom mask (flash-attention kernels)."""
     attention = getattr(model.config, "_attn_implementation", None)
     if not training.shared_prefix or training.packing or training.method != "lora" or attention not in ("sdpa", "eager"):
         return None
-    return attention
+    return PrefixSharing.for_model(attention, model.config)
 
 
 def fused_kernels_available(setting: str, on_gpu: bool) -> bool:

@@ -115,3 +115,17 @@ def test_distributed_benchmark_sets_one_process_beside_two_ranks():
     table = [line for line in result.stdout.splitlines() if line.startswith("| 2 x 4 |")]
     assert len(table) == 1 and float(table[0].split("|")[-2]) == pytest.approx(
         two["planned_host_mib"] / two["host_peak_mib"], abs=1e-3)
+
+
+def test_finetune_speed_compares_the_pipeline_with_plain_trainer_on_the_same_rows(tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_script("benchmarks/finetune_speed.py", "--config", "smoke", "--steps", "3", "--repeats", "2",
+                        "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["cpu"]["model"] and report["cpu"]["cores"] >= 1
+    base, ours = report["runs"]["baseline"], report["runs"]["pipeline"]
+    assert len(base) == len(ours) == 2 and all(len(r["losses"]) == 3 for r in base + ours)
+    assert base[0]["train_tokens"] == ours[0]["train_tokens"] > 0  # the same real tokens
+    assert report["summary"]["loss_gap_max"] < 0.01  # the same curve, step by step
+    assert base[0]["precision"] == ours[0]["precision"] == ours[0]["precision_choice"]["precision"]
+    assert "speed-up" in result.stdout and "| pipeline |" in result.stdout

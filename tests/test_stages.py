@@ -270,6 +270,21 @@ def test_a_shared_prefix_is_computed_once_per_batch_with_the_same_losses_and_ada
         torch.testing.assert_close(shared_adapter[name], tensor, rtol=1e-4, atol=1e-5)
 
 
+def test_a_shared_prefix_is_used_only_where_the_packed_row_computes_less():
+    """Short chat rows: the tokens saved win. Long rows with a short common prefix: one packed row's mask grows with
+    the square of all their tokens, and the rows stay padded."""
+    from pipeline.shared_prefix import PrefixSharing
+
+    smollm = PrefixSharing("sdpa", 4 * 576 / (2 * (4 * 576 ** 2 + 3 * 576 * 1536)))
+    assert smollm == PrefixSharing.for_model("sdpa", type("Config", (), {"hidden_size": 576, "intermediate_size": 1536}))
+
+    def rows(prefix: int, rest: int, n: int = 8) -> list[dict]:
+        return [{"input_ids": [1] * prefix + [2 + i] * rest, "labels": [-100] * (prefix + rest)} for i in range(n)]
+
+    assert smollm.pays(rows(24, 50), 24)  # the default job's shape: 8 rows of ~75 tokens, 24 shared
+    assert not smollm.pays(rows(30, 2000), 30)  # 8 rows of 2k tokens sharing 30
+
+
 def test_the_shared_prefix_ends_before_any_labelled_prediction():
     from pipeline.shared_prefix import shared_prefix_length
 
