@@ -91,7 +91,8 @@ def calibration_precision(quant: QuantizationConfig, merged_dir: Path) -> Precis
 def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[list[int]],
                   bf16: bool = True) -> dict[str, Any]:
     """GPTQ-quantize `merged_dir` on `calibration` (token ids), computing in bf16 or fp32, and write a GPTQ v1
-    checkpoint to `out_dir` (stored in bf16 either way, as gptqmodel stores a bf16 run); returns what the stage records about the calibration."""
+    checkpoint to `out_dir` (stored in bf16 either way, as gptqmodel stores a bf16 run); returns what the stage
+    records about the calibration."""
     import torch
 
     # gptqmodel 7.6.0 sizes its CPU worker pools from the core count and, on <= 2 cores, fails with "Virtual pool
