@@ -70,6 +70,13 @@ def choose_precision(setting: str, shape: tuple[int, int, int], setting_name: st
     return probe_cpu(shape)
 
 
+def widest_projection(tokens: int, config: dict) -> tuple[int, int, int]:
+    """A stage's typical matmul for the probe: `tokens` rows through a decoder layer's hidden -> intermediate
+    projection, from the model's config.json."""
+    hidden = config.get("hidden_size") or config.get("n_embd") or 1024
+    return max(1, tokens), hidden, config.get("intermediate_size") or 4 * hidden
+
+
 def probe_cpu(shape: tuple[int, int, int]) -> PrecisionChoice:
     """Time `shape` (its tokens capped at MAX_PROBE_TOKENS) on this CPU in fp32 and under bf16 autocast, or read the
     verdict a probe cached for this machine. A probe that cannot run leaves fp32, with one warning."""
@@ -163,15 +170,6 @@ def device_name(cuda: bool) -> str:
     if cuda:
         return f"cuda: {torch.cuda.get_device_name()}"
     return f"cpu: {cpu_identity()['model']} ({torch.get_num_threads()} threads)"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU reports native bf16 instructions (AVX512-BF16 or AMX) to torch: a fact for the memory plan's
-    description, not a speed (see this module's docstring)."""
-    import torch
-
-    native = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in native)
 
 
 def bf16_refusal(setting_name: str, device_kind: str, bf16_supported: bool, device: str) -> str | None:

@@ -62,8 +62,6 @@ class RunSummary(BaseModel):
             if "precision_choice" in stage.metrics:
                 choice = stage.metrics["precision_choice"]
                 chosen[name] = {"precision": choice["precision"], "reason": choice["reason"]}
-            elif "precision_reason" in stage.metrics:  # one model's scores (the baseline stage)
-                chosen[name] = {"precision": stage.metrics["precision"], "reason": stage.metrics["precision_reason"]}
             elif isinstance(stage.metrics.get("models"), dict):
                 scored = {model: {"precision": m["precision"], "reason": m["precision_reason"]}
                           for model, m in stage.metrics["models"].items() if "precision" in m}

@@ -21,7 +21,7 @@ from pipeline.data import IGNORE_INDEX, split_prompt, tokenize_example
 from pipeline.gguf_base import is_gguf
 from pipeline.keys import code_version
 from pipeline.output_head import selective_head
-from pipeline.precision import PrecisionChoice, choose_precision
+from pipeline.precision import PrecisionChoice, choose_precision, widest_projection
 from pipeline.report import write_evaluation
 from pipeline.run import RunContext
 from pipeline.shared_prefix import shared_prefix_length
@@ -276,10 +276,8 @@ def scoring_precision(cfg: EvaluateConfig, folder: Path, max_length: int) -> Pre
     """`evaluate.precision` for the model in `folder`, `auto` measured on this CPU (the stage scores on the CPU) at
     the stage's shape: a batch of rows through the model's hidden -> intermediate projection."""
     config = json.loads((Path(folder) / "config.json").read_text())
-    hidden = config.get("hidden_size") or 1024
-    intermediate = config.get("intermediate_size") or 4 * hidden
-    return choose_precision(cfg.precision, (cfg.batch_size * max_length, hidden, intermediate), "evaluate.precision",
-                            cuda=False)
+    return choose_precision(cfg.precision, widest_projection(cfg.batch_size * max_length, config),
+                            "evaluate.precision", cuda=False)
 
 
 def score_base(run: RunContext, data: StageArtifact, base_dir: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pipeline.errors import StageCheckError
 from pipeline.keys import code_version
 from pipeline.memory import peak_rss_bytes, plan_run, reset_peak_rss, resolve_batch, visible_device
 from pipeline.output_head import selective_head
-from pipeline.precision import PrecisionChoice, choose_precision, device_name
+from pipeline.precision import PrecisionChoice, choose_precision, device_name, widest_projection
 from pipeline.run import RunContext
 from pipeline.shared_prefix import PrefixSharing, prefix_packed, shared_prefix_length
 from pipeline.stage import StageArtifact, key_of, local_copy, run_stage
@@ -184,9 +184,9 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-    collator.tokens = collator.shared_tokens = 0
+    collator.tokens = collator.tokens_not_computed = 0
     result = trainer.train(resume_from_checkpoint=resume)
-    train_tokens, shared_tokens = collator.tokens, collator.shared_tokens
+    train_tokens, not_computed = collator.tokens, collator.tokens_not_computed
     eval_after = trainer.evaluate()["eval_loss"]
     if measured_after:
         with model.disable_adapter():
@@ -221,7 +221,7 @@ def train_lora(base_dir: Path, dataset: Dataset, max_length: int, lora: LoraConf
         "nf4_layers": nf4_layers,
         "packing": training.packing,
         "shared_prefix": shared is not None,
-        "tokens_not_computed": shared_tokens,  # a shared prefix's repeats and the padding its batches did without
+        "tokens_not_computed": not_computed,  # a shared prefix's repeats and the padding its batches did without
         "fused_kernels": fused,
         "distributed": training.distributed,
         "ranks": trainer.args.world_size,
@@ -313,9 +313,7 @@ def training_precision(training: TrainingConfig, base_config: dict, train_set: l
                                device_name(on_gpu))
     batch = training.per_device_train_batch_size if isinstance(training.per_device_train_batch_size, int) else 1
     mean_length = sum(len(ex["input_ids"]) for ex in train_set) / max(len(train_set), 1)
-    hidden = base_config.get("hidden_size") or base_config.get("n_embd") or 1024
-    intermediate = base_config.get("intermediate_size") or 4 * hidden
-    return choose_precision(training.precision, (max(1, round(batch * mean_length)), hidden, intermediate),
+    return choose_precision(training.precision, widest_projection(round(batch * mean_length), base_config),
                             cuda=on_gpu)
 
 
@@ -365,14 +363,14 @@ class TokenCounter:
 
     def __init__(self, collate, selective_head: bool = False, shared_prefix: PrefixSharing | None = None):
         self.collate, self.tokens, self.selective_head, self.shared_prefix = collate, 0, selective_head, shared_prefix
-        self.shared_tokens = 0  # tokens not computed: the prefix's repeats and the padding a batch would have had
+        self.tokens_not_computed = 0  # tokens not computed: the prefix's repeats and the padding a batch would have had
 
     def __call__(self, features: list[dict]) -> dict:
         self.tokens += sum(len(f["input_ids"]) for f in features)
         prefix = shared_prefix_length(features) if self.shared_prefix else 0
         if prefix and self.shared_prefix.pays(features, prefix):
             batch = prefix_packed(features, prefix, self.shared_prefix.attention)
-            self.shared_tokens += len(features) * max(len(f["input_ids"]) for f in features) - batch["labels"].numel()
+            self.tokens_not_computed += len(features) * max(len(f["input_ids"]) for f in features) - batch["labels"].numel()
         else:
             batch = self.collate(features)
         if self.selective_head:

@@ -22,7 +22,7 @@ from pipeline.data import read_calibration, render_text
 from pipeline.errors import StageCheckError
 from pipeline.gptq_checkpoint import edit_quantization_config, store_float_tensors_in_bf16
 from pipeline.keys import code_version, stage_key
-from pipeline.precision import PrecisionChoice, choose_precision
+from pipeline.precision import PrecisionChoice, choose_precision, widest_projection
 from pipeline.run import RunContext
 from pipeline.stage import StageArtifact, local_copy, run_stage
 from tasks.data import read_data
@@ -81,11 +81,9 @@ def calibration_precision(quant: QuantizationConfig, merged_dir: Path) -> Precis
     """`quantization.precision`, `auto` measured on this device at the stage's shape: a calibration batch through the
     model's hidden -> intermediate projection. gptqmodel and AutoRound both default to bf16 on every CPU, which on a
     CPU without fast bf16 runs the calibration forwards several times slower than fp32."""
-    config = json.loads((merged_dir / "config.json").read_text())
-    hidden = config.get("hidden_size") or 1024
-    intermediate = config.get("intermediate_size") or 4 * hidden
     tokens = quant.calibration.batch_size * quant.calibration.max_length
-    return choose_precision(quant.precision, (tokens, hidden, intermediate), "quantization.precision")
+    return choose_precision(quant.precision, widest_projection(tokens, json.loads((merged_dir / "config.json").read_text())),
+                            "quantization.precision")
 
 
 def quantize_gptq(merged_dir: Path, out_dir: Path, quant: QuantizationConfig, calibration: list[list[int]],

@@ -225,20 +225,26 @@ def test_bf16_on_cpu_is_mixed_precision_with_fp32_weights(cfg, dataset, tiny_bas
     assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
 
 
+def train_four_fp32_steps(cfg, dataset, tiny_base, folder: Path, **settings) -> tuple[dict, list[float], dict]:
+    """Four logged fp32 steps of 4 rows without dropout, padded batches unless `settings` say otherwise: the
+    metrics, the per-step losses and the adapter's tensors."""
+    from safetensors.torch import load_file
+
+    no_dropout = cfg.lora.model_copy(update={"lora_dropout": 0.0})
+    steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4,
+                                            "precision": "fp32", "shared_prefix": False, **settings})
+    metrics = train_lora(tiny_base, dataset, cfg.data.max_length, no_dropout, steps, folder, folder.with_name(
+        folder.name + "-checkpoints"))
+    losses = [e["loss"] for e in json.loads((folder / "training_log.json").read_text())]
+    return metrics, losses, load_file(folder / "adapter_model.safetensors")
+
+
 def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, dataset, tiny_base, tmp_path):
     """Packed rows restart their position ids, so attention never crosses examples: per-step losses are the padded
     run's (fp32), on the same real tokens; a leaking mask would move them (measured 0.68 in logits)."""
-    no_dropout = cfg.lora.model_copy(update={"lora_dropout": 0.0})
-    steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4,
-                                            "precision": "fp32"})
-    runs = {}
-    for packing in (False, True):
-        out = tmp_path / f"packing-{packing}"
-        metrics = train_lora(tiny_base, dataset, cfg.data.max_length, no_dropout,
-                             steps.model_copy(update={"packing": packing}), out, tmp_path / f"ckpt-{packing}")
-        runs[packing] = metrics, [e["loss"] for e in json.loads((out / "training_log.json").read_text())]
-    (padded, padded_losses), (packed, packed_losses) = runs[False], runs[True]
-    assert packed["packing"] and packed["train_tokens"] == padded["train_tokens"] > 0
+    padded, padded_losses, _ = train_four_fp32_steps(cfg, dataset, tiny_base, tmp_path / "padded")
+    packed, packed_losses, _ = train_four_fp32_steps(cfg, dataset, tiny_base, tmp_path / "packed", packing=True)
+    assert packed["packing"] and not padded["shared_prefix"] and packed["train_tokens"] == padded["train_tokens"] > 0
     assert len(packed_losses) == 4 and packed_losses == pytest.approx(padded_losses, rel=1e-5)
     assert packed["eval_loss_after"] == pytest.approx(padded["eval_loss_after"], rel=1e-5)
 
@@ -246,19 +252,9 @@ def test_padding_free_packing_trains_exactly_like_padded_batches(cfg, dataset, t
 def test_a_shared_prefix_is_computed_once_per_batch_with_the_same_losses_and_adapter(cfg, dataset, tiny_base, tmp_path):
     """The chat template's system prompt that every row starts with runs once per micro-batch: per-step losses, eval
     loss and the trained adapter are those of full rows (fp32), and the metrics count the tokens not recomputed."""
-    from safetensors.torch import load_file
-
-    no_dropout = cfg.lora.model_copy(update={"lora_dropout": 0.0})
-    steps = cfg.training.model_copy(update={"max_steps": 4, "logging_steps": 1, "per_device_train_batch_size": 4,
-                                            "precision": "fp32"})
-    runs = {}
-    for shared in (False, True):
-        out = tmp_path / f"shared-{shared}"
-        metrics = train_lora(tiny_base, dataset, cfg.data.max_length, no_dropout,
-                             steps.model_copy(update={"shared_prefix": shared}), out, tmp_path / f"ckpt-{shared}")
-        runs[shared] = (metrics, [e["loss"] for e in json.loads((out / "training_log.json").read_text())],
-                        load_file(out / "adapter_model.safetensors"))
-    (full, full_losses, full_adapter), (shared, shared_losses, shared_adapter) = runs[False], runs[True]
+    full, full_losses, full_adapter = train_four_fp32_steps(cfg, dataset, tiny_base, tmp_path / "full")
+    shared, shared_losses, shared_adapter = train_four_fp32_steps(cfg, dataset, tiny_base, tmp_path / "shared",
+                                                                  shared_prefix=True)
     assert not full["shared_prefix"] and full["tokens_not_computed"] == 0
     # 4 steps of 4 rows: each batch's common prefix (at least the system prompt) not recomputed for 3 of its 4 rows
     assert shared["shared_prefix"] and shared["tokens_not_computed"] >= 4 * 3 * MIN_SHARED_PREFIX
